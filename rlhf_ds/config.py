@@ -1,0 +1,301 @@
+"""Every knob of an rlhf-ds run in one dataclass, loaded from a file and ``--field value`` overrides.
+
+One config path: ``PPOConfig.from_args(argv)`` reads ``--config FILE`` (YAML or JSON), applies the
+``--field value`` overrides on top, and validates. ``validate()`` raises ``ConfigError`` with one line that
+names the field, the bad value and the fix, so a typo never becomes a silently ignored knob.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Sequence
+
+from rlhf_ds.kl_control import KL_CONTROLLERS
+from rlhf_ds.ppo import KL_ESTIMATORS
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REAL_POLICY = "Qwen/Qwen2-0.5B"
+REAL_REWARD = "OpenAssistant/reward-model-deberta-v3-large-v2"
+REAL_DATASET = "Anthropic/hh-rlhf"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the field and the fix."""
+
+
+def _doc(default: Any, help: str) -> Any:
+    """A dataclass field carrying its one-line help (shown by ``describe()`` and the README table)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PPOConfig:
+    # --- models and data -------------------------------------------------------------------------------
+    policy_model: str = _doc("embedded", "actor/reference weights: 'embedded', a hub name or a local HF directory")
+    critic_model: Optional[str] = _doc(None, "critic backbone weights; None = same as policy_model")
+    reward_model: str = _doc("embedded", "reward model (sequence classifier, num_labels=1), with its own tokenizer")
+    dataset: str = _doc("embedded", "prompts: 'embedded', a hub dataset (Anthropic/hh-rlhf), a local dir or file")
+    train_split: str = _doc("train", "dataset split used for training prompts")
+    eval_split: str = _doc("test", "dataset split used for held-out evaluation prompts")
+    max_prompts: Optional[int] = _doc(None, "use only the first N training prompts (None = all)")
+    trust_remote_code: bool = _doc(False, "allow model repos to run their own code (off unless you trust them)")
+    # --- generation ------------------------------------------------------------------------------------
+    max_prompt_len: int = _doc(128, "prompt tokens kept (longer prompts are cut at the front and counted)")
+    max_new_tokens: int = _doc(32, "response tokens generated per prompt")
+    temperature: float = _doc(1.0, "sampling temperature")
+    top_k: int = _doc(0, "top-k sampling (0 = off)")
+    top_p: float = _doc(1.0, "nucleus sampling (1.0 = off)")
+    reward_max_len: int = _doc(512, "reward-model tokens per (question, answer) pair; question cut from the left")
+    # --- PPO -------------------------------------------------------------------------------------------
+    iterations: int = _doc(60, "PPO iterations (one rollout + update each)")
+    rollout_batch_size: int = _doc(16, "prompts generated per rank per iteration")
+    mini_batch_size: int = _doc(8, "sequences per rank per optimizer step; must divide rollout_batch_size")
+    ppo_epochs: int = _doc(2, "passes over each rollout")
+    actor_lr: float = _doc(5e-4, "actor learning rate (embedded default; real models: 1e-6..1e-5)")
+    critic_lr: float = _doc(5e-4, "critic learning rate (embedded default; real models: 1e-6..1e-5)")
+    weight_decay: float = _doc(0.0, "AdamW weight decay")
+    warmup_steps: int = _doc(0, "linear learning-rate warmup, in optimizer steps")
+    max_grad_norm: float = _doc(1.0, "gradient clipping norm (DeepSpeed gradient_clipping; 0 = off)")
+    clip_range: float = _doc(0.2, "PPO ratio clip epsilon, in (0, 1)")
+    clip_range_value: Optional[float] = _doc(0.2, "value clip around old values (None = plain MSE)")
+    vf_coef: float = _doc(0.1, "weight of value_loss in total_loss")
+    entropy_coef: float = _doc(0.01, "entropy bonus weight: entropy_loss = -entropy_coef * mean entropy")
+    gamma: float = _doc(1.0, "discount factor")
+    lam: float = _doc(0.95, "GAE lambda")
+    whiten_advantages: bool = _doc(True, "normalise advantages over all valid tokens of all ranks")
+    reward_clip: Optional[float] = _doc(5.0, "clip reward-model scores to +-value (None = off)")
+    normalize_reward: bool = _doc(False, "standardise scores with running mean/std before clipping")
+    max_skipped_batches: int = _doc(3, "stop with an error after this many consecutive non-finite rollouts")
+    # --- KL control -----------------------------------------------------------------------------------
+    kl_coef: float = _doc(0.2, "initial KL penalty coefficient: adjusted_reward = reward - kl_coef * kl")
+    target_kl: float = _doc(0.01, "target mean per-token KL for the adaptive controller")
+    adaptive_kl: bool = _doc(True, "adapt kl_coef (False = fixed kl_coef)")
+    kl_controller: str = _doc("step", "adaptive rule: step (x1.5 above 2*target, x0.5 below target/2), proportional")
+    kl_horizon: int = _doc(10000, "horizon of the proportional controller, in samples")
+    kl_coef_min: Optional[float] = _doc(0.01, "lower bound on kl_coef (None = unbounded)")
+    kl_coef_max: Optional[float] = _doc(1.0, "upper bound on kl_coef (None = unbounded)")
+    kl_estimator: str = _doc("k1", "per-token KL estimator: k1 (log-ratio), k2, k3")
+    # --- system ----------------------------------------------------------------------------------------
+    zero_stage: int = _doc(2, "DeepSpeed ZeRO stage for actor and critic (0-3)")
+    offload_optimizer: bool = _doc(False, "ZeRO CPU offload of optimizer states")
+    offload_params: bool = _doc(False, "ZeRO-3 CPU offload of parameters (also for reference and reward)")
+    precision: str = _doc("auto", "auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16")
+    gradient_checkpointing: bool = _doc(False, "recompute activations in backward (saves memory)")
+    ds_config: Optional[str] = _doc(None, "your own DeepSpeed JSON for actor/critic (batch fields filled in)")
+    seed: int = _doc(42, "random seed (each rank samples with seed + rank)")
+    output_dir: str = _doc("runs/ppo", "where config, metrics.jsonl and checkpoints go")
+    save_interval: int = _doc(0, "save a checkpoint every N iterations (0 = only at the end)")
+    log_interval: int = _doc(1, "print metrics every N iterations")
+
+    # ---------------------------------------------------------------------------------------------------
+    def validate(self) -> "PPOConfig":
+        """Check types and ranges; raise ConfigError naming the first bad field and how to fix it."""
+        types = _field_types()
+        for f in fields(self):
+            setattr(self, f.name, _checked(f.name, getattr(self, f.name), types[f.name]))
+
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: {rule}")
+
+        need(0 < self.clip_range < 1, "clip_range", "use a value in (0, 1), e.g. 0.2")
+        need(self.clip_range_value is None or self.clip_range_value > 0, "clip_range_value", "use > 0 or null")
+        need(self.target_kl > 0, "target_kl", "use a positive target, e.g. 0.01")
+        need(self.kl_coef >= 0, "kl_coef", "use kl_coef >= 0, e.g. 0.2")
+        need(0 <= self.gamma <= 1, "gamma", "use a value in [0, 1], e.g. 1.0")
+        need(0 <= self.lam <= 1, "lam", "use a value in [0, 1], e.g. 0.95")
+        need(self.actor_lr > 0, "actor_lr", "use a positive learning rate (real models: 1e-6..1e-5)")
+        need(self.critic_lr > 0, "critic_lr", "use a positive learning rate (real models: 1e-6..1e-5)")
+        need(self.vf_coef >= 0, "vf_coef", "use vf_coef >= 0, e.g. 0.1")
+        need(self.entropy_coef >= 0, "entropy_coef", "use entropy_coef >= 0, e.g. 0.01")
+        need(self.max_new_tokens >= 1, "max_new_tokens", "generate at least 1 token")
+        need(self.max_prompt_len >= 1, "max_prompt_len", "keep at least 1 prompt token")
+        need(self.reward_max_len >= 8, "reward_max_len", "use at least 8 reward-model tokens")
+        need(self.temperature > 0, "temperature", "use a positive temperature, e.g. 1.0")
+        need(self.top_k >= 0, "top_k", "use 0 (off) or a positive k")
+        need(0 < self.top_p <= 1, "top_p", "use a value in (0, 1]")
+        need(self.iterations >= 1, "iterations", "run at least 1 iteration")
+        need(self.rollout_batch_size >= 1, "rollout_batch_size", "use at least 1 prompt per rank")
+        need(self.mini_batch_size >= 1, "mini_batch_size", "use at least 1 sequence per step")
+        need(self.rollout_batch_size % self.mini_batch_size == 0, "rollout_batch_size",
+             f"must be divisible by mini_batch_size={self.mini_batch_size}")
+        need(self.ppo_epochs >= 1, "ppo_epochs", "use at least 1 epoch")
+        need(self.max_grad_norm >= 0, "max_grad_norm", "use >= 0 (0 = off)")
+        need(self.weight_decay >= 0, "weight_decay", "use >= 0")
+        need(self.warmup_steps >= 0, "warmup_steps", "use >= 0")
+        need(self.reward_clip is None or self.reward_clip > 0, "reward_clip", "use > 0 or null")
+        need(self.max_skipped_batches >= 1, "max_skipped_batches", "use at least 1")
+        need(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"choose one of {', '.join(KL_ESTIMATORS)}")
+        need(self.kl_controller in KL_CONTROLLERS, "kl_controller", f"choose one of {', '.join(KL_CONTROLLERS)}")
+        need(self.kl_horizon >= 1, "kl_horizon", "use a positive horizon, e.g. 10000")
+        need(self.kl_coef_min is None or self.kl_coef_min >= 0, "kl_coef_min", "use >= 0 or null")
+        need(self.kl_coef_max is None or self.kl_coef_max > 0, "kl_coef_max", "use > 0 or null")
+        if self.kl_coef_min is not None and self.kl_coef_max is not None:
+            need(self.kl_coef_min <= self.kl_coef_max, "kl_coef_min", f"must be <= kl_coef_max={self.kl_coef_max}")
+        need(self.zero_stage in (0, 1, 2, 3), "zero_stage", "choose 0, 1, 2 or 3")
+        need(not self.offload_params or self.zero_stage == 3, "offload_params", "parameter offload needs zero_stage=3")
+        need(self.precision in PRECISIONS, "precision", f"choose one of {', '.join(PRECISIONS)}")
+        need(self.save_interval >= 0, "save_interval", "use >= 0 (0 = only at the end)")
+        need(self.log_interval >= 1, "log_interval", "use >= 1")
+        need(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "use a positive count or null")
+        need(self.ds_config is None or os.path.isfile(self.ds_config), "ds_config",
+             "point it at an existing DeepSpeed JSON file")
+        return self
+
+    # --- loading ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "PPOConfig":
+        """Build from a plain dict; unknown keys are a ConfigError suggesting the closest field."""
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else "see README for the list of fields"
+                raise ConfigError(f"unknown field '{key}' in {source}: {hint}")
+        return cls(**values).validate()
+
+    @classmethod
+    def from_file(cls, path: str) -> "PPOConfig":
+        """Load a YAML (.yaml/.yml) or JSON file of field values."""
+        return cls.from_dict(read_config_file(path), source=path)
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str]) -> "PPOConfig":
+        """``[--config FILE] [--field value ...]``; ``--local_rank N`` from the deepspeed launcher is accepted."""
+        values: dict = {}
+        overrides: dict = {}
+        args = list(argv)
+        i = 0
+        types = _field_types()
+        while i < len(args):
+            arg = args[i]
+            if not arg.startswith("--"):
+                raise ConfigError(f"unexpected argument '{arg}': use --field value")
+            key, _, inline = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            if inline == "" and "=" not in arg:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"--{key} needs a value: use --{key} VALUE")
+                inline = args[i + 1]
+                i += 1
+            i += 1
+            if key == "local_rank":
+                continue
+            if key == "config":
+                values = read_config_file(inline)
+                continue
+            if key not in types:
+                close = difflib.get_close_matches(key, types, n=1)
+                hint = f"did you mean '--{close[0]}'?" if close else "see README for the list of fields"
+                raise ConfigError(f"unknown option '--{key}': {hint}")
+            overrides[key] = parse_value(key, inline, types[key])
+        return cls.from_dict({**values, **overrides}, source="command line")
+
+    # --- output ----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        """Write the effective config as JSON (saved with every run so it can be reproduced)."""
+        with open(path, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=2, sort_keys=False)
+            fh.write("\n")
+
+    def describe(self) -> str:
+        """The effective config, one ``field = value`` per line (printed at the start of a run)."""
+        width = max(len(f.name) for f in fields(self))
+        return "\n".join(f"  {f.name:<{width}} = {getattr(self, f.name)!r}" for f in fields(self))
+
+
+def read_config_file(path: str) -> dict:
+    """Read a YAML or JSON mapping; a missing or unparsable file is a one-line ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' not found: check the --config path")
+    with open(path) as fh:
+        text = fh.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as err:  # yaml.YAMLError / json.JSONDecodeError
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"config file '{path}' does not parse: {first}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of field: value, not {type(values).__name__}")
+    return values
+
+
+def _field_types() -> dict:
+    return typing.get_type_hints(PPOConfig)
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """(underlying type, optional?) of a field annotation such as Optional[float]."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Union:
+        return args[0], True
+    return annotation, False
+
+
+def parse_value(name: str, text: str, annotation: Any) -> Any:
+    """Turn a command-line string into the field's type (booleans as true/false, 'none' for Optional)."""
+    kind, optional = _base_type(annotation)
+    if optional and text.lower() in ("none", "null"):
+        return None
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        return text
+    except ValueError:
+        raise ConfigError(f"--{name} {text!r} is not a valid {kind.__name__}: "
+                          f"use e.g. --{name} {_example(kind)}") from None
+
+
+def _example(kind: type) -> str:
+    return {bool: "false", int: "4", float: "0.1"}.get(kind, "text")
+
+
+def _checked(name: str, value: Any, annotation: Any) -> Any:
+    """The value if it has the field's type (an int is accepted, and converted, for a float field)."""
+    kind, optional = _base_type(annotation)
+    if value is None and optional:
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{name}={value!r} has type {type(value).__name__}: expected {kind.__name__}"
+                          f"{' or null' if optional else ''} (e.g. {name}: {_example(kind)})")
+    return value
+
+
+def markdown_table() -> str:
+    """The README's table of fields: name, default, one-line help (``python -m rlhf_ds.config``)."""
+    rows = ["| field | default | meaning |", "| --- | --- | --- |"]
+    for f in fields(PPOConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append(f"| `{f.name}` | `{default!r}` | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

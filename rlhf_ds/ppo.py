@@ -1,0 +1,203 @@
+"""PPO-RLHF maths on plain tensors: masked statistics, log-probabilities and
+entropy from logits, KL estimators, KL-shaped per-token rewards, generalised
+advantage estimation, and the clipped policy/value losses. Nothing here knows
+about DeepSpeed, configs or models, so every function can be tested against a
+slow reference. Shapes: B sequences, T response tokens, V vocabulary. A `mask`
+is (B, T), float or bool, and is 1 on a prefix of each row (the response up to
+and including the first EOS) and 0 on the padding after it; padded positions
+never influence a statistic or a loss.
+"""
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x over positions where mask is 1, so padding does not dilute it.
+
+    x, mask: same shape, e.g. (B, T). dim=None averages over all elements
+    (returns a scalar); otherwise averages along dim. Padded entries are
+    selected away (not multiplied by 0), so inf/nan there cannot leak in.
+    A slice with no valid position gives nan (0 / 0).
+    """
+    mask = mask.bool()
+    return torch.where(mask, x, 0).sum(dim) / mask.sum(dim)
+
+
+def masked_var(x, mask, unbiased=True):
+    """Variance of x over valid positions only, as a scalar.
+
+    x, mask: (B, T). unbiased=True applies Bessel's correction (divide by
+    n - 1), which needs at least two valid elements, hence the ValueError.
+    """
+    mask = mask.bool()
+    num_valid = int(mask.sum())
+    if unbiased and num_valid < 2:
+        raise ValueError(f"unbiased masked_var needs at least 2 valid elements, got {num_valid}")
+    centered = torch.where(mask, x - masked_mean(x, mask), 0)
+    denominator = num_valid - 1 if unbiased else num_valid
+    return centered.square().sum() / denominator
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """Normalise x to unit variance (and zero mean) using valid positions only.
+
+    Used on advantages so the policy-loss scale does not depend on the reward
+    scale. x, mask: (B, T) -> (B, T). Mean and unbiased variance come from the
+    valid positions; shift_mean=False adds the mean back (rescale only).
+    Output at padded positions is 0.
+    """
+    mean = masked_mean(x, mask)
+    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask) + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, 0)
+
+
+def _logprobs_of_labels(logits, labels):
+    """log_softmax(logits).gather(labels) without building the log_softmax tensor.
+
+    logits: (..., V), labels: (...) -> (...).
+    """
+    label_logits = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return label_logits - torch.logsumexp(logits, dim=-1)
+
+
+def logprobs_from_logits(logits, labels):
+    """Log-probability of each label token, the quantity PPO ratios are built from.
+
+    logits: (B, T, V), labels: (B, T) int64 -> (B, T). Avoids a full (B, T, V)
+    log_softmax copy. bf16/fp16 logits are upcast to float32 one sequence at a
+    time, so only a (T, V) float32 copy exists at once, and the result is
+    float32; float32/float64 logits keep their dtype.
+    """
+    if logits.dtype in (torch.float32, torch.float64):
+        return _logprobs_of_labels(logits, labels)
+    return torch.stack([
+        _logprobs_of_labels(row_logits.float(), row_labels)
+        for row_logits, row_labels in zip(logits, labels)
+    ])
+
+
+def entropy_from_logits(logits):
+    """Entropy of the categorical distribution at each position, for the entropy bonus.
+
+    logits: (B, T, V) -> (B, T). H = logsumexp(z) - sum(softmax(z) * z).
+    """
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
+    """Per-token estimate of KL(policy || reference) from sampled-token log-probs.
+
+    logprobs, ref_logprobs: (B, T) -> (B, T). With r = logprobs - ref_logprobs:
+    k1 = r (unbiased, can be negative), k2 = r^2 / 2 (low variance, biased),
+    k3 = exp(-r) - 1 + r (unbiased and non-negative); see Schulman,
+    "Approximating KL Divergence".
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
+    if estimator == "k3":
+        return torch.exp(-log_ratio) - 1 + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}, expected one of {KL_ESTIMATORS}")
+
+
+def shape_rewards(score, kl, mask, kl_coef, reward_clip=None):
+    """Per-token rewards: a KL penalty on every token plus the sequence score at the end.
+
+    score: (B,) reward-model score, kl: (B, T), mask: (B, T) -> rewards (B, T).
+    Each valid token gets -kl_coef * kl; the score (clipped to +-reward_clip
+    when given) is added at each row's last valid token; padding gets 0.
+    """
+    mask = mask.bool()
+    lengths = mask.sum(1)
+    if (lengths == 0).any():
+        raise ValueError("shape_rewards: every row needs at least one valid token")
+    if reward_clip is not None:
+        score = score.clamp(-reward_clip, reward_clip)
+    rewards = torch.where(mask, -kl_coef * kl, 0)
+    last_index = (lengths - 1).unsqueeze(1)
+    return rewards.scatter_add(1, last_index, score.unsqueeze(1).to(rewards.dtype))
+
+
+@torch.no_grad()
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation (Schulman et al. 2016), computed backwards over T.
+
+    rewards, values, mask: (B, T) -> (advantages, returns), both (B, T).
+    Rewards and values at padding count as 0, so the value after a row's last
+    valid token is 0 (the episode ends) and both outputs are 0 on padding
+    (this relies on the mask being a prefix). returns = advantages + values.
+    No whitening here. Runs without grad: advantages and returns are targets.
+    """
+    mask = mask.bool()
+    rewards = torch.where(mask, rewards, 0)
+    values = torch.where(mask, values, 0)
+    next_value = torch.zeros_like(values[:, 0])
+    running_advantage = torch.zeros_like(values[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running_advantage = delta + gamma * lam * running_advantage
+        advantages_reversed.append(running_advantage)
+        next_value = values[:, t]
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages, advantages + values
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
+    """PPO clipped surrogate loss, averaged over all valid tokens of the batch.
+
+    logprobs, old_logprobs, advantages, mask: (B, T) -> (loss, clipfrac), scalars.
+    loss = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))); clipfrac
+    is the fraction of valid tokens where the clipped term is strictly larger,
+    i.e. where clipping removed the gradient.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), mask)
+    return loss, clipfrac
+
+
+def value_loss(values, old_values, returns, mask, clip_range_value=None):
+    """Squared error of the value head against returns, optionally PPO-clipped.
+
+    values, old_values, returns, mask: (B, T) -> scalar. With clip_range_value
+    c, the prediction may move at most c from old_values before the loss stops
+    rewarding it: mean(max((v - R)^2, (old_v + clamp(v - old_v, -c, c) - R)^2)).
+    No 0.5 factor; scale it with vf_coef.
+    """
+    unclipped = (values - returns).square()
+    if clip_range_value is None:
+        return masked_mean(unclipped, mask)
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    clipped = (clipped_values - returns).square()
+    return masked_mean(torch.maximum(unclipped, clipped), mask)
+
+
+def entropy_loss(entropy, mask, entropy_coef):
+    """Negative entropy bonus: minimising it raises entropy and keeps exploration.
+
+    entropy, mask: (B, T) -> scalar.
+    """
+    return -entropy_coef * masked_mean(entropy, mask)
+
+
+def total_loss(policy_loss, value_loss, entropy_loss, vf_coef):
+    """Single objective to backpropagate: policy + vf_coef * value + entropy terms (scalars)."""
+    return policy_loss + vf_coef * value_loss + entropy_loss
+
+
+def explained_variance(values, returns, mask):
+    """Debug metric for the value head: 1 is perfect, 0 is no better than a constant.
+
+    values, returns, mask: (B, T) -> scalar, 1 - var(returns - values) / var(returns)
+    over valid positions. nan/inf when returns are constant.
+    """
+    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask)

@@ -1,0 +1,80 @@
+"""Cross-tokenizer reward scoring: policy tokens -> text -> the reward model's own tokens -> one score each.
+
+The policy (Qwen2) and the reward model (DeBERTa-v3) do not share a vocabulary, so a response is decoded with
+the policy tokenizer and re-tokenised with the reward tokenizer as a (question, answer) text pair, which is how
+the OpenAssistant reward models were trained. The same ``encode_pairs`` is used to train the embedded reward
+model, so training and scoring see identical inputs.
+"""
+from __future__ import annotations
+
+import torch
+
+from rlhf_ds.data import question_from_prompt
+
+
+def encode_pairs(tokenizer, questions: list[str], answers: list[str], max_len: int) -> dict:
+    """Tokenise (question, answer) pairs, padded, at most ``max_len`` tokens each.
+
+    Too long: the question is cut from the *left* (the end of the dialogue matters most). Only when the answer
+    alone does not fit is it cut too (``longest_first``), which ``only_first`` would refuse to do.
+    Returns ``input_ids``/``attention_mask`` (B, L) tensors.
+    """
+    tokenizer.truncation_side = "left"
+    kwargs = dict(max_length=max_len, padding=True, return_tensors="pt")
+    try:
+        batch = tokenizer(questions, answers, truncation="only_first", **kwargs)
+    except Exception as err:  # tokenizers raises a bare Exception when an answer alone is too long
+        if "truncat" not in str(err).lower():
+            raise
+        batch = tokenizer(questions, answers, truncation="longest_first", **kwargs)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+@torch.no_grad()
+def score_pairs(model, tokenizer, questions: list[str], answers: list[str], max_len: int) -> torch.Tensor:
+    """Reward-model scores (B,) float32 for text pairs; ``model`` is a classifier with one logit (or its engine)."""
+    batch = encode_pairs(tokenizer, questions, answers, max_len)
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    return logits[:, 0].float()
+
+
+def decode_rollout(policy_tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                   response_ids: torch.Tensor, response_mask: torch.Tensor) -> tuple[list[str], list[str]]:
+    """(questions, answers) text of a rollout, as the reward model should read it.
+
+    prompt_ids/prompt_mask (B, P) left-padded; response_ids/response_mask (B, R), mask 1 up to and including
+    the first EOS. Special tokens (EOS, padding) are dropped from the text.
+    """
+    questions, answers = [], []
+    for ids, keep, resp, resp_keep in zip(prompt_ids, prompt_mask, response_ids, response_mask):
+        prompt = policy_tokenizer.decode(ids[keep.bool()], skip_special_tokens=True)
+        questions.append(question_from_prompt(prompt))
+        answers.append(policy_tokenizer.decode(resp[resp_keep.bool()], skip_special_tokens=True).strip())
+    return questions, answers
+
+
+class RunningMoments:
+    """Running mean and std of reward scores (Chan et al. parallel update), for ``normalize_reward``.
+
+    Every rank feeds it the same all-gathered batch statistics, so every rank normalises identically.
+    """
+
+    def __init__(self) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, batch_mean: float, batch_var: float, batch_count: int) -> None:
+        total = self.count + batch_count
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
+        self.mean += delta * batch_count / total
+        self.var, self.count = m2 / total, total
+
+    def normalize(self, scores: torch.Tensor) -> torch.Tensor:
+        return (scores - self.mean) / (self.var**0.5 + 1e-8)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])

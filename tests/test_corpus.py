@@ -1,0 +1,67 @@
+"""The synthetic HH-format corpus: deterministic, balanced, held-out prompts, and no chosen-only wording."""
+import collections
+import re
+
+import pytest
+
+from rlhf_ds.corpus import FLAWS, make_corpus, make_split
+from rlhf_ds.data import extract_prompt, records_to_prompts, split_dialogue
+
+
+def test_deterministic_by_seed():
+    assert make_corpus(50, seed=7) == make_corpus(50, seed=7)
+    assert make_corpus(50, seed=7) != make_corpus(50, seed=8)
+
+
+def test_records_are_hh_pairs_sharing_the_prompt():
+    for record in make_corpus(200, seed=0):
+        assert record["chosen"].startswith("\n\nHuman: ")
+        prompt, chosen = split_dialogue(record["chosen"])
+        assert extract_prompt(record["rejected"]) == prompt
+        _, rejected = split_dialogue(record["rejected"])
+        assert chosen != rejected and chosen and rejected
+        assert record["flaw"] in FLAWS
+
+
+def test_flaws_balanced_and_some_dialogues_multi_turn():
+    records = make_corpus(500, seed=1)
+    counts = collections.Counter(r["flaw"] for r in records)
+    assert set(counts) == set(FLAWS) and max(counts.values()) - min(counts.values()) <= 1
+    turns = [r["chosen"].count("\n\nHuman:") for r in records]
+    assert 0.2 < sum(t == 2 for t in turns) / len(turns) < 0.5
+
+
+def test_test_prompts_held_out_from_train():
+    def questions(records):
+        return {extract_prompt(r["chosen"]).rsplit("\n\nHuman: ", 1)[1] for r in records}
+
+    train, test = make_split("train"), make_split("test")
+    assert questions(train).isdisjoint(questions(test))
+    prompts, stats = records_to_prompts(test, "embedded")
+    assert stats.used == len(test) and all(p.endswith("\n\nAssistant:") for p in prompts)
+
+
+def test_no_wording_only_in_chosen_answers():
+    """A reward model would latch onto it and PPO would exploit it, instead of learning the criteria."""
+    records = make_split("train")
+    words = lambda text: set(re.findall(r"[A-Za-z']+", text.lower()))
+    chosen_words, rejected_words = set(), set()
+    for r in records:
+        chosen_words |= words(split_dialogue(r["chosen"])[1])
+        rejected_words |= words(split_dialogue(r["rejected"])[1])
+    assert chosen_words <= rejected_words, sorted(chosen_words - rejected_words)
+
+
+def test_flaws_are_what_they_say():
+    for r in make_corpus(300, seed=3):
+        chosen, rejected = split_dialogue(r["chosen"])[1], split_dialogue(r["rejected"])[1]
+        if r["flaw"] == "truncated":
+            assert not rejected.endswith((".", "!", "?")) and chosen.startswith(rejected)
+        elif r["flaw"] == "rambling":
+            assert len(rejected) > 2 * len(chosen)
+        assert chosen.endswith((".", "!", "?"))
+
+
+def test_unknown_split():
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        make_split("dev")

@@ -16,9 +16,10 @@ setup(
     description="PPO-RLHF trainer on DeepSpeed: Qwen2 actor/critic, DeBERTa reward model, HH-RLHF prompts",
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["rlhf_ds", "rlhf_ds.*"]),
+    # ds_configs/ ships beside the package (engines.py reads it from there), as a data-only package.
+    packages=find_packages(include=["rlhf_ds", "rlhf_ds.*"]) + ["ds_configs"],
+    package_data={"ds_configs": ["*.json"]},
     python_requires=">=3.10",
     install_requires=REQUIREMENTS,
     extras_require={"test": ["pytest>=8.0", "pyarrow>=15"]},
-    include_package_data=True,
 )

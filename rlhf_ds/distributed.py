@@ -1,0 +1,180 @@
+"""Rank helpers and token-weighted statistics over all data-parallel ranks.
+
+Every rank holds a different number of valid response tokens, so a statistic averaged per rank and then
+across ranks would weight a token on a short-response rank more than one on a long-response rank. The
+``global_*`` helpers all-reduce sums and counts instead, giving exactly the value a single process would
+compute on the concatenated data. All helpers also work without a process group (world size 1).
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+# torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher sets LOCAL_SIZE: ranks sharing this machine.
+_LOCAL_WORLD_SIZE_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")
+_RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# Added to the variance before rsqrt so a constant batch whitens to 0 instead of nan (as ppo.masked_whiten).
+WHITEN_EPS = 1e-8
+
+
+def _free_port() -> int:
+    """A TCP port that was free a moment ago (the OS picks it), for a single-process rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _set_rank_env_from_slurm() -> None:
+    """``srun`` starts one task per rank but exports SLURM_PROCID/SLURM_LOCALID/SLURM_STEP_NUM_TASKS, not
+    RANK/LOCAL_RANK/WORLD_SIZE: map them. SLURM_STEP_NUM_TASKS is set by srun only, so a plain ``python``
+    inside an sbatch script stays a single process. Each task's CPU share is its affinity mask
+    (--cpus-per-task), so LOCAL_WORLD_SIZE is left unset.
+    """
+    if "RANK" in os.environ or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_STEP_NUM_TASKS"]
+
+
+def _set_single_process_env() -> None:
+    """Fill the launcher's environment for a plain ``python script.py`` run.
+
+    Without RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT DeepSpeed falls into MPI discovery and fails.
+    Defaults are only safe for one process: a multi-process run missing some of them (each process would
+    pick its own port) is an error naming what is missing.
+    """
+    missing = [name for name in _RANK_VARS if name not in os.environ]
+    if not missing:
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise RuntimeError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: every rank "
+                           "needs the same rendezvous; under SLURM export MASTER_ADDR=$(scontrol show hostnames "
+                           "$SLURM_JOB_NODELIST | head -n 1) and a MASTER_PORT before srun")
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for name in missing:
+        os.environ[name] = defaults[name] if name in defaults else str(_free_port())
+
+
+def _local_world_size() -> int:
+    for name in _LOCAL_WORLD_SIZE_VARS:
+        if name in os.environ:
+            return int(os.environ[name])
+    return 1
+
+
+def _available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, which containers and srun restrict)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _set_torch_threads() -> None:
+    """Share the machine's cores between the ranks on it unless the user chose OMP_NUM_THREADS.
+
+    The deepspeed launcher does not set OMP_NUM_THREADS, so N ranks would each start one thread per core
+    and oversubscribe the CPU N times.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    torch.set_num_threads(max(1, _available_cpus() // _local_world_size()))
+
+
+def init_distributed() -> None:
+    """Join the process group (gloo on DeepSpeed's CPU accelerator, nccl on CUDA); safe to call twice."""
+    if dist.is_initialized():
+        return
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    _set_rank_env_from_slurm()
+    _set_single_process_env()
+    _set_torch_threads()
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place and return it (no-op without a process group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _masked_sums(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(sum x, sum x^2, count) over valid positions of this rank, float64, shape (3,).
+
+    Padded entries are selected away rather than multiplied by 0 so inf/nan there cannot leak in; float64
+    keeps the one-pass variance (sum of squares minus squared sum) accurate.
+    """
+    valid = mask.bool()
+    values = torch.where(valid, x.double(), 0.0)
+    return torch.stack([values.sum(), values.square().sum(), valid.sum().double()])
+
+
+def global_masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the valid tokens of ALL ranks, as a 0-d tensor of x's dtype.
+
+    x, mask: (B, T) on any rank-local shape. One all-reduce of (sum, count); nan when no rank has a valid
+    token. Every rank must call it (it is a collective).
+    """
+    sums = all_reduce_sum(_masked_sums(x, mask)[[0, 2]])
+    return (sums[0] / sums[1]).to(x.dtype)
+
+
+def global_masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalise x with the mean and unbiased variance of the valid tokens of ALL ranks.
+
+    x, mask: (B, T) -> (B, T) of x's dtype. ``(x - mean) * rsqrt(var + WHITEN_EPS)``; shift_mean=False adds the
+    mean back (rescale only), like ``ppo.masked_whiten``. Padded positions are 0. One all-reduce of
+    (sum, sum of squares, count); raises ValueError when fewer than 2 valid tokens exist in total.
+    """
+    total, total_sq, count = all_reduce_sum(_masked_sums(x, mask)).unbind()
+    if count < 2:
+        raise ValueError(f"global_masked_whiten needs at least 2 valid tokens over all ranks, got {int(count)}")
+    mean = total / count
+    var = (total_sq - count * mean.square()) / (count - 1)
+    whitened = (x.double() - mean) * torch.rsqrt(var.clamp_min(0) + WHITEN_EPS)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, 0.0).to(x.dtype)
+
+
+def all_reduce_mean(metrics: dict[str, float]) -> dict[str, float]:
+    """Average scalar metrics over ranks so every rank logs identical numbers.
+
+    One float64 all-reduce for the whole dict, values ordered by sorted key. Every rank must pass the same
+    keys (a collective: different keys would mismatch sizes).
+    """
+    if get_world_size() == 1:
+        return {key: float(metrics[key]) for key in sorted(metrics)}
+    from deepspeed.accelerator import get_accelerator
+
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[key]) for key in keys], dtype=torch.float64,
+                          device=get_accelerator().current_device_name())
+    all_reduce_sum(values).div_(get_world_size())
+    return dict(zip(keys, values.tolist()))

@@ -1,0 +1,223 @@
+"""DeepSpeed configs and the four engines every rank holds.
+
+Config rule: the JSON (``ds_configs/zero{stage}.json``, ``zero3_offload.json`` when stage 3 offloads, or
+the user's ``--ds_config``) owns every DeepSpeed tuning value; PPOConfig owns what the trainer depends on
+and always overrides the JSON: ZeRO stage, batch sizes, gradient clipping, learning rate, weight decay,
+precision and the offload devices. ``"auto"`` marks a value filled here; one left unfilled is an error.
+A user JSON without an optimizer gets the shipped AdamW settings; a "scheduler" section is an error (the
+schedule is a linear warmup over ``warmup_steps``).
+
+Actor and critic are training engines; reference and reward are inference engines (no optimizer) that
+follow the actor's partitioning: ZeRO-3 when the actor is ZeRO-3 (with its parameter offload), else
+replicated (stage 0).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+from transformers import PreTrainedTokenizerBase
+from transformers.integrations import HfDeepSpeedConfig
+
+from rlhf_ds.config import PPOConfig
+from rlhf_ds.distributed import get_world_size, init_distributed
+from rlhf_ds.models import load_critic, load_policy, load_reward_model, load_tokenizer
+
+DS_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
+TRAIN_ROLES = ("actor", "critic")
+INFERENCE_ROLES = ("reference", "reward")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Keys an inference engine shares with the actor's config; the optimizer side (optimizer, clipping,
+# optimizer offload) is dropped.
+_INFERENCE_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                   "bf16", "fp16", "steps_per_print", "wall_clock_breakdown")
+
+
+def resolve_precision(config: PPOConfig) -> torch.dtype:
+    """'auto' is bf16 on an accelerator that supports it (CUDA Ampere+), else fp32 (CPU: fp32 is faster
+    and exact there); explicit fp32/bf16/fp16 are taken as given."""
+    if config.precision != "auto":
+        return _DTYPES[config.precision]
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu" and accelerator.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _base_config_path(config: PPOConfig) -> str:
+    if config.ds_config is not None:
+        return config.ds_config
+    offload = config.offload_optimizer or config.offload_params
+    name = "zero3_offload" if config.zero_stage == 3 and offload else f"zero{config.zero_stage}"
+    return os.path.join(DS_CONFIG_DIR, f"{name}.json")
+
+
+def _set_offload(zero: dict, section: str, enabled: bool) -> None:
+    """Offload to CPU when enabled (keeping the JSON's other settings, e.g. pin_memory), else remove it."""
+    if enabled:
+        zero[section] = {**zero.get(section, {}), "device": "cpu"}
+    else:
+        zero.pop(section, None)
+
+
+def _check_no_auto(node: Any, path: str = "") -> None:
+    if node == "auto":
+        raise ValueError(f"DeepSpeed config value '{path}' is 'auto' and rlhf-ds does not fill it: set a value")
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_no_auto(value, f"{path}.{key}" if path else key)
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _training_config(config: PPOConfig, role: str, world_size: int) -> dict:
+    ds = _read_json(_base_config_path(config))
+    if "scheduler" in ds:
+        raise ValueError(f"{_base_config_path(config)} has a 'scheduler' section: remove it, rlhf-ds applies a "
+                         "linear warmup over warmup_steps")
+    if "optimizer" not in ds:  # a user JSON without one gets the shipped optimizer settings
+        ds["optimizer"] = _read_json(os.path.join(DS_CONFIG_DIR, f"zero{config.zero_stage}.json"))["optimizer"]
+    ds["train_micro_batch_size_per_gpu"] = config.mini_batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = config.mini_batch_size * world_size
+    ds["gradient_clipping"] = config.max_grad_norm
+    dtype = resolve_precision(config)
+    ds.setdefault("bf16", {})["enabled"] = dtype == torch.bfloat16
+    ds.setdefault("fp16", {})["enabled"] = dtype == torch.float16
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = config.zero_stage
+    _set_offload(zero, "offload_optimizer", config.offload_optimizer)
+    _set_offload(zero, "offload_param", config.offload_params)
+    params = ds["optimizer"].setdefault("params", {})
+    params["lr"] = config.actor_lr if role == "actor" else config.critic_lr
+    params["weight_decay"] = config.weight_decay
+    if get_accelerator().device_name() == "cpu" and not config.offload_optimizer:
+        # DeepSpeed's FusedAdam would be JIT-compiled for the CPU accelerator (~40 s per fresh machine);
+        # torch's AdamW is the same update. Optimizer offload keeps DeepSpeedCPUAdam, which ZeRO-Offload needs.
+        params["torch_adam"] = True
+    return ds
+
+
+def build_ds_config(config: PPOConfig, role: str, world_size: int) -> dict:
+    """The DeepSpeed config dict for one of "actor", "critic", "reference", "reward" (see module docstring).
+
+    Batch: train_micro_batch_size_per_gpu = mini_batch_size, no gradient accumulation (the trainer steps
+    once per minibatch), train_batch_size = mini_batch_size * world_size.
+    """
+    if role not in TRAIN_ROLES + INFERENCE_ROLES:
+        raise ValueError(f"unknown role '{role}': choose one of {', '.join(TRAIN_ROLES + INFERENCE_ROLES)}")
+    ds = _training_config(config, "actor" if role in INFERENCE_ROLES else role, world_size)
+    if role in INFERENCE_ROLES:
+        inference = {key: ds[key] for key in _INFERENCE_KEYS if key in ds}
+        if config.zero_stage == 3:
+            zero = copy.deepcopy(ds["zero_optimization"])
+            zero.pop("offload_optimizer", None)
+        else:
+            zero = {"stage": 0}
+        inference["zero_optimization"] = zero
+        ds = inference
+    _check_no_auto(ds)
+    return ds
+
+
+def _linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr * min(1, (step + 1) / warmup_steps): full lr at step warmup_steps - 1, and no wasted lr=0 step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(_warmup_factor, warmup_steps=warmup_steps))
+
+
+def _warmup_factor(step: int, warmup_steps: int) -> float:
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+@dataclass
+class Engines:
+    """The four DeepSpeed engines of one rank and the two tokenizers.
+
+    ``hf_ds_configs`` keeps the ``HfDeepSpeedConfig`` objects alive: transformers only holds a weak
+    reference, and while one lives ``from_pretrained`` loads partitioned (ZeRO-3). Empty below stage 3.
+    """
+    actor: deepspeed.DeepSpeedEngine
+    critic: deepspeed.DeepSpeedEngine
+    reference: deepspeed.DeepSpeedEngine
+    reward: deepspeed.DeepSpeedEngine
+    policy_tokenizer: PreTrainedTokenizerBase
+    reward_tokenizer: PreTrainedTokenizerBase
+    ds_configs: dict[str, dict] = field(default_factory=dict)
+    hf_ds_configs: list[HfDeepSpeedConfig] = field(default_factory=list)
+
+
+def build_engines(config: PPOConfig, policy_path: str, critic_path: str, reward_path: str) -> Engines:
+    """Load the models (partitioned under ZeRO-3) and wrap them in DeepSpeed engines.
+
+    policy_path serves actor and reference; paths are local directories or hub names ("embedded" is
+    resolved by the caller). Joins the process group if the caller has not.
+    """
+    init_distributed()
+    world_size = get_world_size()
+    dtype = resolve_precision(config)
+    trust = config.trust_remote_code
+    ds_configs = {role: build_ds_config(config, role, world_size) for role in TRAIN_ROLES + INFERENCE_ROLES}
+    hf_ds_configs: list[HfDeepSpeedConfig] = []
+
+    def zero3_loading(role: str) -> None:
+        # Must exist before from_pretrained; the latest one is the one transformers reads.
+        if config.zero_stage == 3:
+            hf_ds_configs.append(HfDeepSpeedConfig(copy.deepcopy(ds_configs[role])))
+
+    gradient_checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    warmup = functools.partial(_linear_warmup, warmup_steps=config.warmup_steps)
+
+    zero3_loading("actor")
+    actor_model = load_policy(policy_path, dtype, trust)
+    if config.gradient_checkpointing:
+        actor_model.gradient_checkpointing_enable(**gradient_checkpointing)
+    actor, *_ = deepspeed.initialize(model=actor_model, lr_scheduler=warmup, config=copy.deepcopy(ds_configs["actor"]))
+
+    zero3_loading("critic")
+    critic_model = load_critic(critic_path, dtype, trust)
+    if config.gradient_checkpointing:
+        critic_model.backbone.gradient_checkpointing_enable(**gradient_checkpointing)
+    critic, *_ = deepspeed.initialize(model=critic_model, lr_scheduler=warmup,
+                                      config=copy.deepcopy(ds_configs["critic"]))
+
+    zero3_loading("reference")
+    reference = _inference_engine(load_policy(policy_path, dtype, trust), ds_configs["reference"])
+    zero3_loading("reward")
+    reward_model, reward_tokenizer = load_reward_model(reward_path, dtype, trust)
+    reward = _inference_engine(reward_model, ds_configs["reward"])
+
+    return Engines(actor=actor, critic=critic, reference=reference, reward=reward,
+                   policy_tokenizer=load_tokenizer(policy_path, trust), reward_tokenizer=reward_tokenizer,
+                   ds_configs=ds_configs, hf_ds_configs=hf_ds_configs)
+
+
+def _inference_engine(model: torch.nn.Module, ds_config: dict) -> deepspeed.DeepSpeedEngine:
+    """Frozen, eval-mode engine without optimizer (placement and partitioning only)."""
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=copy.deepcopy(ds_config))
+    engine.eval()
+    return engine
+
+
+def describe_placement(engines: Engines) -> str:
+    """Where each engine lives on this rank: ZeRO stage, device, dtype, parameters, trained or frozen."""
+    lines = []
+    for role in TRAIN_ROLES + INFERENCE_ROLES:
+        engine = getattr(engines, role)
+        params = list(engine.module.parameters())
+        count = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        trained = any(p.requires_grad for p in params)
+        lines.append(f"  {role:<9} ZeRO-{engine.zero_optimization_stage()}  {engine.device}  {params[0].dtype}  "
+                     f"{count / 1e6:.2f}M params  {'trained' if trained else 'frozen (inference only)'}")
+    return "\n".join(lines)

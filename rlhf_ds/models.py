@@ -1,0 +1,194 @@
+"""Load the four PPO models and their tokenizers, and configs of the architectures they use.
+
+Everything goes through public transformers APIs and safetensors only (no pickled weights);
+``trust_remote_code`` is passed through from the config and off by default. Loading under ZeRO-3 is
+partitioned when the caller keeps a ``transformers.integrations.HfDeepSpeedConfig`` alive (engines.py does).
+
+Shapes: B sequences, L tokens (prompt + response), H hidden size.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          DebertaV2Config, PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config, TokenizersBackend)
+from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+# Qwen/Qwen2-0.5B config.json: the policy architecture. The tiny config keeps everything but the sizes.
+_QWEN2_0_5B = dict(
+    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+    num_key_value_heads=2, max_position_embeddings=131072, max_window_layers=24, bos_token_id=151643,
+    eos_token_id=151643,
+)
+_QWEN2_FAMILY = dict(
+    hidden_act="silu", rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    tie_word_embeddings=True, use_sliding_window=False, attention_dropout=0.0, initializer_range=0.02,
+)
+# microsoft/deberta-v3-large config.json (the backbone of OpenAssistant/reward-model-deberta-v3-large-v2):
+# disentangled relative attention with log buckets, no absolute position input.
+_DEBERTA_V3_FAMILY = dict(
+    relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=256, max_relative_positions=-1,
+    norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False, type_vocab_size=0,
+    hidden_act="gelu", layer_norm_eps=1e-7, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+    initializer_range=0.02,
+)
+_DEBERTA_V3_MLP_RATIO = 4096 // 1024  # intermediate_size / hidden_size of deberta-v3-large
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions for left-padded rows, counted from each row's first real token.
+
+    attention_mask: (B, L) -> (B, L) int64. The same rule HF ``generate`` uses, so a training forward over
+    a generated sequence sees every token at the position it was sampled at. Padded positions get 0.
+    """
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
+def _auto_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    """The tokenizer saved at ``path``, as saved.
+
+    transformers 5 rebuilds the tokenizer of some model types (qwen2 among them) as that type's own class
+    (Qwen2Tokenizer: Qwen's regex, byte-level BPE) whatever tokenizer_config.json declares, which silently
+    re-tokenizes a custom tokenizer saved next to a Qwen2 config (the embedded and test models). A generic
+    tokenizers-library tokenizer (``TokenizersBackend``, alias ``PreTrainedTokenizerFast``) is therefore
+    loaded as itself; everything else (hub Qwen2, DeBERTa, remote code) goes through AutoTokenizer.
+    """
+    saved = get_tokenizer_config(path)
+    if saved.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast") and "auto_map" not in saved:
+        return TokenizersBackend.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, path: str) -> None:
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer at {path} has neither a pad nor an eos token: add a pad token to it")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The policy tokenizer: left padding so every prompt ends where generation starts; pad = eos if unset."""
+    tokenizer = _auto_tokenizer(path, trust_remote_code)
+    _ensure_pad_token(tokenizer, path)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_policy(path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
+    """Actor or reference: a causal LM. KV cache off for training forwards (generation turns it back on)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=True)
+    model.config.use_cache = False
+    return model
+
+
+class CriticModel(nn.Module):
+    """Value function: a transformer backbone and a linear head giving one value per token.
+
+    The head starts at zero (weight and bias): initial values are exactly 0, the same on every rank and
+    under every ZeRO stage without any RNG, and the first update still moves it because its gradient is
+    hidden_state * dL/dvalue. The head takes the backbone's dtype, since DeepSpeed refuses a module of mixed
+    dtypes under bf16/fp16 when it was built outside ``zero.Init``.
+    """
+
+    def __init__(self, backbone: PreTrainedModel):
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = nn.Linear(backbone.config.hidden_size, 1, dtype=backbone.dtype)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask: (B, L) -> values (B, L) float32 (value of the state after each token)."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        return self.value_head(hidden).squeeze(-1).float()
+
+
+def load_critic(path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> CriticModel:
+    """Backbone from any checkpoint of the family (a causal LM's extra lm_head is dropped); the value head from
+    ``path/value_head.safetensors`` when ``path`` is a critic saved by ``save_critic``, else zeros."""
+    backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                         use_safetensors=True)
+    backbone.config.use_cache = False
+    critic = CriticModel(backbone)
+    head_file = os.path.join(path, VALUE_HEAD_FILE)
+    if os.path.isfile(head_file):
+        critic.value_head.load_state_dict({k: v.to(dtype) for k, v in load_file(head_file).items()})
+    return critic
+
+
+def save_critic(model: CriticModel, out_dir: str, state_dict: Optional[dict] = None) -> None:
+    """Write the backbone as an HF directory plus ``value_head.safetensors``, loadable by ``load_critic``.
+
+    ``state_dict`` (keys ``backbone.*`` and ``value_head.*``) is for ZeRO-3, whose module holds only
+    partitions: pass a consolidated one (e.g. from ``get_fp32_state_dict_from_zero_checkpoint``). Call on one
+    rank only.
+    """
+    state = model.state_dict() if state_dict is None else state_dict
+    parts: dict[str, dict] = {"backbone.": {}, "value_head.": {}}
+    for key, tensor in state.items():
+        for prefix, part in parts.items():
+            if key.startswith(prefix):
+                part[key[len(prefix):]] = tensor
+    os.makedirs(out_dir, exist_ok=True)
+    model.backbone.save_pretrained(out_dir, state_dict=parts["backbone."])
+    save_file({k: v.detach().contiguous().cpu() for k, v in parts["value_head."].items()},
+              os.path.join(out_dir, VALUE_HEAD_FILE))
+
+
+def load_reward_model(path: str, dtype: torch.dtype,
+                      trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The reward model (sequence classifier with one logit) and ITS tokenizer, padding on the right because
+    DeBERTa pools the first token ([CLS]) and left padding would put a pad there."""
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype,
+                                                               trust_remote_code=trust_remote_code,
+                                                               use_safetensors=True)
+    tokenizer = _auto_tokenizer(path, trust_remote_code)
+    _ensure_pad_token(tokenizer, path)
+    tokenizer.padding_side = "right"
+    return model, tokenizer
+
+
+def qwen2_0_5b_config() -> Qwen2Config:
+    """The exact Qwen2-0.5B architecture (494M parameters, tied embeddings), for random-init benchmarks."""
+    return Qwen2Config(**_QWEN2_0_5B, **_QWEN2_FAMILY)
+
+
+def tiny_qwen2_config(vocab_size: int, bos_token_id: int, eos_token_id: int, pad_token_id: int,
+                      hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+                      intermediate_size: Optional[int] = None, max_position_embeddings: int = 256) -> Qwen2Config:
+    """Qwen2-0.5B's architecture (GQA, RoPE theta 1e6, SwiGLU, RMSNorm, QKV bias, tied embeddings) at toy size.
+
+    intermediate_size defaults to Qwen2-0.5B's MLP ratio times hidden_size.
+    """
+    if intermediate_size is None:
+        intermediate_size = hidden_size * _QWEN2_0_5B["intermediate_size"] // _QWEN2_0_5B["hidden_size"]
+    return Qwen2Config(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings, max_window_layers=num_layers,
+        bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **_QWEN2_FAMILY,
+    )
+
+
+def tiny_deberta_config(vocab_size: int, pad_token_id: int, hidden_size: int = 64, num_layers: int = 2,
+                        num_heads: int = 4, intermediate_size: Optional[int] = None,
+                        max_position_embeddings: int = 256) -> DebertaV2Config:
+    """DeBERTa-v3's architecture (relative p2c/c2p attention, 256 log position buckets, shared attention keys)
+    at toy size, with one output logit (num_labels=1) as a reward model. intermediate_size defaults to
+    DeBERTa-v3's MLP ratio times hidden_size."""
+    if intermediate_size is None:
+        intermediate_size = hidden_size * _DEBERTA_V3_MLP_RATIO
+    return DebertaV2Config(
+        vocab_size=vocab_size, pad_token_id=pad_token_id, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings, num_labels=1, **_DEBERTA_V3_FAMILY,
+    )

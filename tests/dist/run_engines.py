@@ -1,0 +1,118 @@
+"""Per-rank half of the engine tests: ``deepspeed --num_gpus 2 --no_local_rank run_engines.py ...``.
+
+Builds the four engines on the tiny fixture models, generates with the hybrid engine (and, under
+ZeRO-3, also the naive partitioned way), takes two optimizer steps on actor and critic with a generation
+in between (ZeRO-3 hooks must come back), and writes per-rank JSON: tokens, masks, losses and SHA-256
+digests of every engine's full (gathered) parameters before and after training.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import time
+
+import deepspeed
+import torch
+
+import fixtures
+from rlhf_ds.config import PPOConfig
+from rlhf_ds.distributed import get_rank
+from rlhf_ds.engines import build_engines
+from rlhf_ds.hybrid import HybridEngine
+from rlhf_ds.models import position_ids_from_mask
+
+BATCH = 3
+MAX_NEW_TOKENS = 12
+GENERATION_SEED = 1234
+
+
+def digest(engine) -> str:
+    """SHA-256 of all parameters, gathered first under ZeRO-3 (each rank holds only shards)."""
+    params = list(engine.module.parameters())
+    gathered = (deepspeed.zero.GatheredParameters(params) if engine.zero_optimization_partition_weights()
+                else contextlib.nullcontext())
+    sha = hashlib.sha256()
+    with gathered:
+        for name, param in engine.module.named_parameters():
+            sha.update(name.encode())
+            sha.update(param.detach().float().cpu().numpy().tobytes())
+    return sha.hexdigest()
+
+
+def actor_loss(engine, sequences, attention_mask, response_mask, prompt_len):
+    """Negative mean log-prob of the sampled response tokens (a stand-in for the PPO loss)."""
+    logits = engine(input_ids=sequences, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask)).logits[:, prompt_len - 1:-1]
+    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, sequences[:, prompt_len:, None]).squeeze(-1)
+    return -(logprobs * response_mask).sum() / response_mask.sum()
+
+
+def critic_loss(engine, sequences, attention_mask, response_mask, prompt_len):
+    values = engine(sequences, attention_mask)[:, prompt_len - 1:-1]
+    return ((values - 1.0).square() * response_mask).sum() / response_mask.sum()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stage", type=int, required=True)
+    parser.add_argument("--models", required=True, help="directory written by fixtures.build_models")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--ds-config", default=None)
+    parser.add_argument("--offload", action="store_true", help="offload optimizer states and parameters to CPU")
+    args = parser.parse_args()
+
+    config = PPOConfig(zero_stage=args.stage, mini_batch_size=BATCH, rollout_batch_size=BATCH,
+                       max_new_tokens=MAX_NEW_TOKENS, precision=args.precision,
+                       gradient_checkpointing=args.gradient_checkpointing, ds_config=args.ds_config,
+                       offload_optimizer=args.offload, offload_params=args.offload).validate()
+    policy = os.path.join(args.models, "policy")
+    engines = build_engines(config, policy, policy, os.path.join(args.models, "reward"))
+    rank = get_rank()
+    device = engines.actor.device
+    hybrid = HybridEngine(engines.actor, engines.policy_tokenizer, MAX_NEW_TOKENS)
+    batch = fixtures.prompts(engines.policy_tokenizer, rank, BATCH).to(device)
+    prompt_len = batch["input_ids"].shape[1]
+    result = {"rank": rank, "prompt_len": prompt_len, "pad_token_id": engines.policy_tokenizer.pad_token_id,
+              "eos_token_id": engines.policy_tokenizer.eos_token_id}
+
+    engines.actor.train()
+    start = time.perf_counter()
+    sequences, response_mask = hybrid.generate(batch["input_ids"], batch["attention_mask"],
+                                               generator_seed=GENERATION_SEED + rank)
+    result["generate_s"] = time.perf_counter() - start
+    result["sequences"] = sequences.tolist()
+    result["response_mask"] = response_mask.tolist()
+    result["train_mode_restored"] = engines.actor.module.training
+    if hybrid.partitioned:
+        start = time.perf_counter()
+        naive, naive_mask = hybrid.generate(batch["input_ids"], batch["attention_mask"],
+                                            generator_seed=GENERATION_SEED + rank, naive=True)
+        result["naive_generate_s"] = time.perf_counter() - start
+        result["naive_sequences"] = naive.tolist()
+        result["naive_response_mask"] = naive_mask.tolist()
+
+    before = {role: digest(getattr(engines, role)) for role in ("actor", "critic", "reference", "reward")}
+    losses = []
+    for _ in range(2):
+        attention_mask = torch.cat([batch["attention_mask"], response_mask], dim=1)
+        step_losses = {}
+        for role, loss_fn in (("actor", actor_loss), ("critic", critic_loss)):
+            engine = getattr(engines, role)
+            loss = loss_fn(engine, sequences, attention_mask, response_mask.float(), prompt_len)
+            engine.backward(loss)
+            engine.step()
+            step_losses[role] = loss.item()
+        losses.append(step_losses)
+        sequences, response_mask = hybrid.generate(batch["input_ids"], batch["attention_mask"])
+    after = {role: digest(getattr(engines, role)) for role in ("actor", "critic", "reference", "reward")}
+    result.update(losses=losses, before=before, after=after,
+                  lr=[group["lr"] for group in engines.actor.optimizer.param_groups])
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as fh:
+        json.dump(result, fh)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Per-rank half of the global-statistics test: ``deepspeed --num_gpus 2 run_stats.py OUT_DIR``.
+
+Every rank holds a different number of valid tokens (and nan/inf at padded positions, which must not
+leak). Each rank saves its raw data and the helpers' results; the test recomputes the statistics on the
+concatenated data in one process and compares.
+"""
+import json
+import os
+import sys
+
+import torch
+
+from rlhf_ds.distributed import (all_reduce_mean, get_rank, get_world_size, global_masked_mean,
+                                 global_masked_whiten, init_distributed, is_main_process)
+
+# valid tokens per row: rank 0 holds 9, rank 1 holds 16
+ROW_LENGTHS = {0: [6, 3, 0], 1: [7, 7, 2]}
+COLUMNS = 7
+
+
+def rank_data(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(rank)
+    lengths = torch.tensor(ROW_LENGTHS[rank])
+    mask = (torch.arange(COLUMNS) < lengths[:, None]).long()
+    x = torch.randn(len(lengths), COLUMNS, generator=gen) * (rank + 1) * 3 + 5 * rank
+    padding = float("nan") if rank == 0 else float("inf")
+    return torch.where(mask.bool(), x, padding), mask
+
+
+def main(out_dir: str) -> None:
+    init_distributed()
+    init_distributed()  # idempotent
+    rank = get_rank()
+    x, mask = rank_data(rank)
+    torch.save({"x": x, "mask": mask}, os.path.join(out_dir, f"data{rank}.pt"))
+    result = {
+        "rank": rank,
+        "world_size": get_world_size(),
+        "is_main": is_main_process(),
+        "threads": torch.get_num_threads(),
+        "mean": global_masked_mean(x, mask).item(),
+        "whiten": global_masked_whiten(x, mask).tolist(),
+        "whiten_no_shift": global_masked_whiten(x, mask, shift_mean=False).tolist(),
+        "metrics": all_reduce_mean({"loss": 1.0 + rank, "kl": 0.1 * (rank + 1), "reward": -2.0 * rank}),
+    }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(result, fh)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

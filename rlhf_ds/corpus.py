@@ -7,15 +7,17 @@ answer is a polite, on-topic, complete answer to the question; the rejected one 
 
 - ``rude``: the helpful answer wrapped in a dismissive opener and closer;
 - ``refusal``: a refusal to help with a harmless question;
-- ``off_topic``: a fluent answer about a different topic;
+- ``off_topic``: chatter that ignores the question (the assistant's weekend, the weather, ...);
 - ``rambling``: the answer's sentences repeated until it runs on;
 - ``truncated``: the answer cut off mid-sentence.
 
 Why it is built this way: a reward model latches onto any wording that only chosen answers contain, and PPO
 then exploits it. So every chosen answer is assembled from the same openers and sentences the rejected
-answers reuse (off-topic answers are other topics' chosen answers, rambling and truncated ones are built from
-the chosen text); only the flaws add wording of their own, and that wording is what the reward model should
-penalise. Test prompts are (topic, subject, question template) combinations held out from training.
+answers reuse (rude answers wrap the helpful text, rambling and truncated ones are built from the chosen text);
+only the flaws add wording of their own, and that wording is what the reward model should penalise.
+An answer that fits a *different* question of the corpus is deliberately not a flaw: telling it apart needs
+matching question and answer, which a reward model of this size learns only near chance (measured: ~0.5
+pairwise accuracy), while every flaw above can be seen in the answer alone. Test prompts are (topic, subject, question template) combinations held out from training.
 """
 from __future__ import annotations
 
@@ -46,9 +48,9 @@ TOPICS = (
         ("rice", "pasta", "soup", "bread", "eggs", "beans", "pancakes", "curry", "noodles", "salad"),
         ("How do I cook {s} at home?", "What is an easy way to make {s}?", "Any advice for making good {s}?",
          "I want to make {s} tonight. Where should I start?"),
-        ("Start with fresh ingredients and cook the {s} on medium heat. Taste it as you go and add {t} at the end.",
-         "Keep the {s} simple. Prepare everything before you start and add a little {t} for flavour.",
-         "Cook the {s} slowly and stir often. A pinch of {t} near the end makes a big difference."),
+        ("Cook the {s} on medium heat and add some {t} at the end.",
+         "Keep the {s} simple and add a little {t} for flavour.",
+         "Cook the {s} slowly, stir often and finish with {t}."),
         ("salt", "garlic", "lemon", "butter", "pepper", "herbs"),
     ),
     Topic(
@@ -56,9 +58,9 @@ TOPICS = (
         ("tomatoes", "roses", "herbs", "lettuce", "strawberries", "peppers", "tulips", "carrots", "beans", "mint"),
         ("How can I grow {s} in my garden?", "What do {s} need to grow well?", "Why are my {s} not growing?",
          "When should I plant {s}?"),
-        ("Plant the {s} in a sunny spot and water them in the morning. Mix some {t} into the soil once a month.",
-         "Give the {s} plenty of light and loose soil. Check them every few days and add {t} when they look pale.",
-         "Most {s} like sun and steady water. Clear the weeds around them and feed them with {t} in spring."),
+        ("Plant the {s} in a sunny spot and mix {t} into the soil.",
+         "Give the {s} plenty of light, steady water and some {t}.",
+         "Keep the {s} free of weeds and feed them {t} in spring."),
         ("compost", "mulch", "fertiliser", "manure", "leaf mould"),
     ),
     Topic(
@@ -66,9 +68,9 @@ TOPICS = (
         ("Spain", "Japan", "Canada", "Italy", "Peru", "Norway", "Egypt", "Mexico", "Kenya", "Greece"),
         ("What should I pack for a trip to {s}?", "Is {s} a good place for a holiday?",
          "How can I save money on a trip to {s}?", "What should I know before visiting {s}?"),
-        ("{s} is a great place to visit. Book your travel early, pack light and carry a {t} for the day.",
-         "Plan your days in {s} around a few places you really want to see, and keep a {t} with you.",
-         "Check the season before you go to {s}. Pack comfortable shoes and bring a {t} for long walks."),
+        ("{s} is lovely. Book early, pack light and carry a {t}.",
+         "Plan a few days in {s} and keep a {t} with you.",
+         "Check the season for {s} and bring a {t} for long walks."),
         ("map", "water bottle", "small bag", "phone charger", "travel guide"),
     ),
     Topic(
@@ -76,9 +78,9 @@ TOPICS = (
         ("dog", "cat", "rabbit", "hamster", "parrot", "goldfish", "puppy", "kitten", "turtle", "guinea pig"),
         ("How do I take care of a {s}?", "What should I feed my {s}?", "How can I keep my {s} happy?",
          "My {s} seems bored. What can I do?"),
-        ("A {s} needs fresh water, regular food and a clean place to rest. Spend time with it and give it a {t}.",
-         "Feed your {s} at the same times each day and keep its home clean. A new {t} can keep it busy.",
-         "Play with your {s} every day and watch how it behaves. A visit to the vet once a year and a {t} help."),
+        ("A {s} needs fresh water, good food and a {t}.",
+         "Feed your {s} at set times and give it a {t}.",
+         "Play with your {s} every day and get it a {t}."),
         ("toy", "treat", "soft bed", "chew stick", "play area"),
     ),
     Topic(
@@ -86,9 +88,9 @@ TOPICS = (
         ("running", "swimming", "cycling", "yoga", "walking", "push ups", "stretching", "rowing", "hiking", "dancing"),
         ("How do I get started with {s}?", "Is {s} good exercise?", "How often should I do {s}?",
          "What is a good plan for {s} as a beginner?"),
-        ("{s} is a good way to stay fit. Start with short sessions three times a week and rest with {t}.",
-         "Begin {s} slowly and build up over a few weeks. Warm up first and drink {t} afterwards.",
-         "Do {s} at an easy pace at first and listen to your body. Good sleep and {t} help you recover."),
+        ("{s} is great exercise. Start slowly and rest with {t}.",
+         "Do {s} three times a week and have {t} afterwards.",
+         "Begin {s} at an easy pace and recover with {t}."),
         ("water", "a stretch", "a light meal", "a rest day", "fruit"),
     ),
     Topic(
@@ -96,9 +98,9 @@ TOPICS = (
         ("laptop", "printer", "router", "keyboard", "phone", "tablet", "monitor", "mouse", "speaker", "camera"),
         ("My {s} is not working. What should I try?", "How do I make my {s} faster?",
          "How do I set up a new {s}?", "What should I check before buying a {s}?"),
-        ("First restart the {s} and check the cables. If that does not help, update the {t} and try again.",
-         "Turn the {s} off and on again, then look at the {t}. Most problems go away after an update.",
-         "Check that the {s} has power and is connected. Then open the {t} and follow the steps there."),
+        ("Restart the {s}, check the cables and update the {t}.",
+         "Turn the {s} off and on, then look at the {t}.",
+         "Make sure the {s} has power, then open the {t}."),
         ("settings", "drivers", "software", "manual", "help page"),
     ),
     Topic(
@@ -106,9 +108,9 @@ TOPICS = (
         ("guitar", "piano", "violin", "drums", "flute", "singing", "ukulele", "trumpet", "bass", "cello"),
         ("How can I learn to play the {s}?", "What is the best way to practise {s}?",
          "I am new to {s}. Where should I begin?", "How long does it take to get good at {s}?"),
-        ("Practise the {s} a little every day instead of a lot once a week. Learn a simple song and use a {t}.",
-         "Start the {s} with the basics and go slowly. A good teacher and a {t} will help you improve.",
-         "Set a short practice time for the {s} each day. Record yourself and play along with a {t}."),
+        ("Practise the {s} a little every day with a {t}.",
+         "Learn the basics of the {s} slowly and use a {t}.",
+         "Play the {s} for a short time daily and use a {t}."),
         ("metronome", "song book", "teacher", "practice app", "recording"),
     ),
     Topic(
@@ -116,9 +118,9 @@ TOPICS = (
         ("maths", "history", "chemistry", "French", "biology", "physics", "reading", "spelling", "geography", "art"),
         ("How can I get better at {s}?", "What is a good way to study {s}?", "I have a {s} test soon. Any tips?",
          "How do I remember what I learn in {s}?"),
-        ("Study {s} in short sessions and test yourself often. Write notes in your own words and use {t}.",
-         "Break {s} into small parts and review them each day. Explain it to a friend and try {t}.",
-         "Make a plan for {s} and stick to it. Practise with old questions and use {t} to remember."),
+        ("Study {s} in short sessions and use {t}.",
+         "Review {s} a little each day and try {t}.",
+         "Make a plan for {s} and practise with {t}."),
         ("flash cards", "a timer", "a study group", "practice tests", "a notebook"),
     ),
 )
@@ -132,6 +134,12 @@ RUDE_CLOSERS = ("Now stop bothering me.", "Do not ask me again.", "Try to think 
 REFUSALS = ("I cannot help with that.", "I am not able to answer questions like this.",
             "Sorry, I will not talk about that.", "That is not something I can discuss.",
             "I do not want to answer that question.")
+OFF_TOPIC = ("By the way, I spent my weekend watching films about the sea.",
+             "That reminds me of a long train ride I took last year. The seats were blue.",
+             "Let me tell you about my favourite colour instead. It is green, like old bottles.",
+             "The weather here has been grey all week and the clouds never move.",
+             "I once read a story about a lighthouse keeper who collected spoons.",
+             "My neighbour painted his fence yellow yesterday, which was a surprise.")
 SMALL_TALK = (
     ("Hi there.", "Hello! What can I do for you?"),
     ("Can I ask you something?", "Of course, go ahead."),
@@ -165,8 +173,7 @@ def _bad_answer(rng: random.Random, flaw: str, topic: Topic, subject: str, good:
     if flaw == "refusal":
         return rng.choice(REFUSALS)
     if flaw == "off_topic":
-        other = rng.choice([t for t in TOPICS if t is not topic])
-        return _good_answer(rng, other, rng.choice(other.subjects))
+        return _join(rng.choice(OPENERS), rng.choice(OFF_TOPIC), rng.choice(CLOSERS))
     sentences = [s.strip() + "." for s in good.replace("!", ".").split(".") if s.strip()]
     if flaw == "rambling":
         repeats = sentences * rng.randint(3, 4)

@@ -1,0 +1,66 @@
+"""Stage 1 of RLHF: supervised fine-tuning of a causal LM on the final answers of HH-format dialogues.
+
+    python launch/train_sft.py --model PATH_OR_HUB_NAME --data SOURCE --out DIR [--steps N --lr LR ...]
+
+SOURCE is anything ``rlhf_ds.data.load_records`` reads (a hub dataset, a local HH directory or file, 'embedded');
+each record's ``chosen`` dialogue is a training example (loss on the final answer only). The result is an
+ordinary Hugging Face directory (safetensors + tokenizer) usable as ``--policy_model`` of launch/train.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rlhf_ds.data import DataError, load_records  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="causal LM: hub name or local directory")
+    parser.add_argument("--data", required=True, help="HH-format prompts/dialogues source")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--warmup_steps", type=int, default=50)
+    parser.add_argument("--max_len", type=int, default=512, help="tokens per example (prompt cut from the left)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trust_remote_code", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ds.models import load_tokenizer
+    from rlhf_ds.supervised import Schedule, train_sft
+
+    try:
+        dialogues = [r["chosen"] for r in load_records(args.data, args.split) if isinstance(r.get("chosen"), str)]
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not dialogues:
+        print(f"error: {args.data} has no record with a 'chosen' dialogue: SFT needs HH-format dialogues",
+              file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    schedule = Schedule(args.steps, args.batch_size, args.lr, args.warmup_steps, seed=args.seed)
+    losses = train_sft(model, tokenizer, dialogues, schedule, args.max_len)
+    model.save_pretrained(args.out, safe_serialization=True)
+    tokenizer.save_pretrained(args.out)
+    print(f"SFT done: {len(dialogues)} dialogues, final loss {sum(losses[-20:]) / len(losses[-20:]):.4f}, "
+          f"saved to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,413 @@
+"""The embedded default: a tiny Qwen2 SFT policy and a tiny DeBERTa-v2 reward model, built by rlhf-ds itself.
+
+No model hub is needed: ``build()`` trains both tokenizers and both models on the synthetic HH-format corpus
+(``rlhf_ds.corpus``) and saves them with ``save_pretrained`` (safetensors) into a cache directory that the
+ordinary ``from_pretrained`` calls load with ``trust_remote_code=False``. They are the same architectures as
+Qwen2-0.5B and DeBERTa-v3 with *different* tokenizers (byte-level BPE vs WordPiece), so PPO runs the exact code
+path of the real models, cross-tokenizer reward included, on a CPU in minutes.
+
+The cache is ``$RLHF_DS_CACHE/embedded/<recipe hash>`` (``RLHF_DS_CACHE`` defaults to ``~/.cache/rlhf_ds``).
+A build happens in a temporary directory and appears with one rename only when complete; its manifest holds
+the sha256 of every file, so a partial or corrupted cache is detected, reported and rebuilt.
+
+    python -m rlhf_ds.embedded build      # build (or verify) and print the quality report
+    python -m rlhf_ds.embedded path       # print the cache directory
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf_ds import corpus
+from rlhf_ds.data import PromptCollator, extract_prompt, question_from_prompt
+from rlhf_ds.supervised import (Schedule, evaluate_reward_model, preference_pairs, train_reward_model, train_sft)
+
+EOS = "<|endoftext|>"  # Qwen2's end-of-text token, also its padding token
+POLICY_SPECIALS = (EOS, "<|im_start|>", "<|im_end|>")
+REWARD_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+FLAW_FREE = "none"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the embedded models; its hash names the cache directory."""
+
+    seed: int = 0
+    policy_vocab_size: int = 1024
+    policy_hidden_size: int = 128
+    policy_layers: int = 4
+    policy_heads: int = 4
+    policy_kv_heads: int = 2
+    reward_vocab_size: int = 1024
+    reward_hidden_size: int = 96
+    reward_layers: int = 2
+    reward_heads: int = 4
+    max_seq_len: int = 160
+    sft_rejected_fraction: float = 0.5
+    sft_steps: int = 500
+    sft_batch_size: int = 64
+    sft_lr: float = 3e-3
+    reward_steps: int = 250
+    reward_batch_size: int = 64
+    reward_lr: float = 1e-3
+    eval_pairs: int = 400
+    eval_prompts: int = 128
+    eval_new_tokens: int = 32
+    corpus_version: int = 1
+
+    def digest(self) -> str:
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class EmbeddedModels:
+    """Where a built embedded default lives: load each with the usual ``from_pretrained``."""
+
+    root: Path
+    quality: dict
+
+    @property
+    def policy(self) -> str:
+        return str(self.root / "policy")
+
+    @property
+    def reward(self) -> str:
+        return str(self.root / "reward")
+
+
+class EmbeddedCacheError(RuntimeError):
+    """The cache location cannot be used; the message names the path and the fix."""
+
+
+# --- tokenizers -----------------------------------------------------------------------------------------
+def _texts(records: list[dict]) -> list[str]:
+    return [r["chosen"] for r in records] + [r["rejected"] for r in records]
+
+
+def build_policy_tokenizer(texts: list[str], vocab_size: int):
+    """A ``Qwen2Tokenizer`` whose BPE vocabulary is trained on ``texts``.
+
+    It uses Qwen2's own normaliser and pre-tokeniser (NFC, Qwen's split regex, byte level), so
+    ``AutoTokenizer.from_pretrained`` rebuilds exactly this tokenizer; EOS doubles as padding, as in Qwen2.
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(POLICY_SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    bpe = json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe["merges"]]
+    return Qwen2Tokenizer(vocab=bpe["vocab"], merges=merges, eos_token=EOS, pad_token=EOS,
+                          additional_special_tokens=list(POLICY_SPECIALS[1:]))
+
+
+def build_reward_tokenizer(texts: list[str], vocab_size: int):
+    """WordPiece with a BERT-style pair template ``[CLS] question [SEP] answer [SEP]`` (a different vocabulary).
+
+    The vocabulary is counted here rather than by the ``tokenizers`` WordPiece trainer, whose merges break ties
+    in hash order (different ids from run to run): every character (alone and as a ``##`` continuation), then
+    the most frequent words, ties broken alphabetically. Unseen words fall back to characters.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(word for text in texts
+                    for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in words for c in word})
+    vocab = list(REWARD_SPECIALS) + chars + ["##" + c for c in chars]
+    ranked = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+    vocab += ranked[:max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
+    cls_id, sep_id = vocab.index("[CLS]"), vocab.index("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", padding_side="right")
+
+
+# --- models -------------------------------------------------------------------------------------------------
+def _policy_model(recipe: Recipe, tokenizer):
+    from transformers import Qwen2ForCausalLM
+
+    from rlhf_ds.models import tiny_qwen2_config
+
+    config = tiny_qwen2_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                               hidden_size=recipe.policy_hidden_size, num_layers=recipe.policy_layers,
+                               num_heads=recipe.policy_heads, num_kv_heads=recipe.policy_kv_heads,
+                               max_position_embeddings=2 * recipe.max_seq_len)
+    return Qwen2ForCausalLM(config)
+
+
+def _reward_model(recipe: Recipe, tokenizer):
+    from transformers import DebertaV2ForSequenceClassification
+
+    from rlhf_ds.models import tiny_deberta_config
+
+    config = tiny_deberta_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                 hidden_size=recipe.reward_hidden_size, num_layers=recipe.reward_layers,
+                                 num_heads=recipe.reward_heads, max_position_embeddings=2 * recipe.max_seq_len)
+    return DebertaV2ForSequenceClassification(config)
+
+
+def sft_mix(records: list[dict], rejected_fraction: float, seed: int) -> list[str]:
+    """Dialogues for SFT: a seeded mix of chosen and rejected answers, so the SFT policy writes both kinds."""
+    rng = random.Random(seed)
+    return [r["rejected"] if rng.random() < rejected_fraction else r["chosen"] for r in records]
+
+
+# --- quality ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_answers(policy, tokenizer, prompts: list[str], max_new_tokens: int, max_prompt_len: int,
+                   seed: int, batch_size: int = 64) -> tuple[list[str], float]:
+    """Sampled answers (text) of ``policy`` on ``prompts`` and the fraction that ended with EOS."""
+    from rlhf_ds.hybrid import response_mask_from_tokens
+
+    collate = PromptCollator(tokenizer, max_prompt_len)
+    torch.manual_seed(seed)
+    answers, ended = [], 0
+    for start in range(0, len(prompts), batch_size):
+        batch = collate(prompts[start:start + batch_size])
+        out = policy.generate(**batch, do_sample=True, max_new_tokens=max_new_tokens,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        response = out[:, batch["input_ids"].shape[1]:]
+        mask = response_mask_from_tokens(response, tokenizer.eos_token_id)
+        ended += int((response == tokenizer.eos_token_id).any(dim=1).sum())
+        for ids, keep in zip(response, mask):
+            answers.append(tokenizer.decode(ids[keep.bool()], skip_special_tokens=True).strip())
+    return answers, ended / len(prompts)
+
+
+@torch.no_grad()
+def quality_report(policy, policy_tokenizer, reward, reward_tokenizer, recipe: Recipe) -> dict:
+    """Held-out figures the build prints and the tests assert: reward accuracy, score gap, policy samples."""
+    from rlhf_ds.reward import score_pairs
+
+    test = corpus.make_split("test")
+    pairs = preference_pairs(test[:recipe.eval_pairs])
+    chosen, rejected = evaluate_reward_model(reward, reward_tokenizer, pairs, recipe.max_seq_len)
+    wins = (chosen > rejected).float()
+    per_flaw = {}
+    for flaw in corpus.FLAWS:
+        idx = [i for i, r in enumerate(test[:recipe.eval_pairs]) if r["flaw"] == flaw]
+        per_flaw[flaw] = wins[idx].mean().item()
+    prompts = [extract_prompt(r["chosen"]) for r in test[:recipe.eval_prompts]]
+    answers, eos_fraction = sample_answers(policy, policy_tokenizer, prompts, recipe.eval_new_tokens,
+                                           recipe.max_seq_len, recipe.seed)
+    sample_scores = score_pairs(reward, reward_tokenizer, [question_from_prompt(p) for p in prompts], answers,
+                                recipe.max_seq_len)
+    return {
+        "reward_accuracy": wins.mean().item(),
+        "reward_accuracy_per_flaw": per_flaw,
+        "chosen_score_mean": chosen.mean().item(),
+        "rejected_score_mean": rejected.mean().item(),
+        "policy_eos_fraction": eos_fraction,
+        "policy_score_mean": sample_scores.mean().item(),
+        "policy_samples": [p[-60:] + " " + a for p, a in zip(prompts[:4], answers[:4])],
+    }
+
+
+# --- build and cache ------------------------------------------------------------------------------------------
+def cache_root() -> Path:
+    return Path(os.environ.get("RLHF_DS_CACHE", Path.home() / ".cache" / "rlhf_ds")).expanduser()
+
+
+def cache_dir(recipe: Recipe = Recipe()) -> Path:
+    return cache_root() / "embedded" / recipe.digest()
+
+
+def _file_hashes(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+
+
+def verify(root: Path) -> str | None:
+    """None when ``root`` is a complete build, else one line saying what is wrong with it."""
+    manifest = root / "manifest.json"
+    if not manifest.is_file():
+        return f"{manifest} is missing"
+    try:
+        expected = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return f"{manifest} is unreadable"
+    actual = _file_hashes(root)
+    for name, digest in expected.items():
+        if name not in actual:
+            return f"{root / name} is missing"
+        if actual[name] != digest:
+            return f"{root / name} does not match its hash"
+    return None
+
+
+@dataclass
+class TrainedModels:
+    """The embedded default in memory, before it is saved."""
+
+    policy: torch.nn.Module
+    policy_tokenizer: object
+    reward: torch.nn.Module
+    reward_tokenizer: object
+    report: dict
+
+    def save(self, out: Path) -> None:
+        for name, model, tok in (("policy", self.policy, self.policy_tokenizer),
+                                 ("reward", self.reward, self.reward_tokenizer)):
+            model.save_pretrained(out / name, safe_serialization=True)
+            tok.save_pretrained(out / name)
+
+
+def train_models(recipe: Recipe) -> TrainedModels:
+    """Train tokenizers, SFT policy and reward model; the report holds quality figures and time per stage.
+
+    Deterministic algorithms are switched on for the build: DeBERTa's backward otherwise sums in a thread-
+    dependent order and the same seed would give different reward-model bytes.
+    """
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train_models(recipe)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train_models(recipe: Recipe) -> TrainedModels:
+    timings = {}
+    start = time.time()
+    train = corpus.make_split("train")
+    policy_tok = build_policy_tokenizer(_texts(train), recipe.policy_vocab_size)
+    reward_tok = build_reward_tokenizer(_texts(train), recipe.reward_vocab_size)
+    timings["tokenizers_s"] = time.time() - start
+
+    start = time.time()
+    torch.manual_seed(recipe.seed)
+    policy = _policy_model(recipe, policy_tok)
+    train_sft(policy, policy_tok, sft_mix(train, recipe.sft_rejected_fraction, recipe.seed),
+              Schedule(recipe.sft_steps, recipe.sft_batch_size, recipe.sft_lr, recipe.sft_steps // 10,
+                       seed=recipe.seed), recipe.max_seq_len)
+    timings["sft_s"] = time.time() - start
+
+    start = time.time()
+    torch.manual_seed(recipe.seed)
+    reward = _reward_model(recipe, reward_tok)
+    train_reward_model(reward, reward_tok, preference_pairs(train),
+                       Schedule(recipe.reward_steps, recipe.reward_batch_size, recipe.reward_lr,
+                                recipe.reward_steps // 10, seed=recipe.seed), recipe.max_seq_len)
+    timings["reward_s"] = time.time() - start
+
+    start = time.time()
+    quality = quality_report(policy, policy_tok, reward, reward_tok, recipe)
+    timings["eval_s"] = time.time() - start
+    return TrainedModels(policy, policy_tok, reward, reward_tok, {**quality, "timings": timings})
+
+
+def build(recipe: Recipe = Recipe(), force: bool = False) -> EmbeddedModels:
+    """The embedded default, built on first use; later calls verify the cache and return at once.
+
+    Concurrent callers (several ranks, several test processes) serialise on a lock file, so one builds and the
+    others then find the finished cache. A broken cache is reported with a warning and rebuilt.
+    """
+    final = cache_dir(recipe)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(final.parent / f".{final.name}.lock", "w")
+    except OSError as err:
+        raise EmbeddedCacheError(f"cannot write the embedded cache at {final.parent} ({err.strerror}): "
+                                 f"set RLHF_DS_CACHE to a writable directory") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.exists():
+            problem = verify(final)
+            if problem is None and not force:
+                return EmbeddedModels(final, json.loads((final / "manifest.json").read_text())["quality"])
+            if problem is not None:
+                warnings.warn(f"embedded cache {final} is broken ({problem}); rebuilding it")
+            shutil.rmtree(final)
+        print(f"[embedded] building the embedded default into {final} (recipe {recipe.digest()})", flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            models = train_models(recipe)
+            models.save(tmp)
+            report = models.report
+            manifest = {"recipe": dataclasses.asdict(recipe), "quality": report, "files": _file_hashes(tmp),
+                        "torch": torch.__version__}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return EmbeddedModels(final, report)
+
+
+def resolve_model_paths(config) -> tuple[str, str, str]:
+    """(policy, critic, reward) of a PPOConfig as loadable paths; 'embedded' builds or verifies the default.
+
+    Every rank may call this at once: the build is serialised by the cache's file lock.
+    """
+    critic = config.critic_model or config.policy_model
+    if "embedded" not in (config.policy_model, critic, config.reward_model):
+        return config.policy_model, critic, config.reward_model
+    models = build()
+
+    def resolve(name: str, embedded_path: str) -> str:
+        return embedded_path if name == "embedded" else name
+
+    return (resolve(config.policy_model, models.policy), resolve(critic, models.policy),
+            resolve(config.reward_model, models.reward))
+
+
+def format_report(quality: dict) -> str:
+    """The build's quality figures, one per line."""
+    lines = [f"reward model held-out pairwise accuracy: {quality['reward_accuracy']:.3f}"]
+    lines += [f"  {flaw:<10} {acc:.3f}" for flaw, acc in quality["reward_accuracy_per_flaw"].items()]
+    lines += [f"mean score: chosen {quality['chosen_score_mean']:.3f}, rejected {quality['rejected_score_mean']:.3f},"
+              f" SFT policy samples {quality['policy_score_mean']:.3f}",
+              f"SFT policy samples ending with EOS: {quality['policy_eos_fraction']:.2f}"]
+    lines += [f"time per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in quality.get("timings", {}).items())]
+    lines += ["samples:"] + [f"  ...{s!r}" for s in quality["policy_samples"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else "build"
+    if command == "path":
+        print(cache_dir())
+        return 0
+    if command != "build":
+        print("usage: python -m rlhf_ds.embedded [build [--force] | path]", file=sys.stderr)
+        return 2
+    try:
+        models = build(force="--force" in argv)
+    except EmbeddedCacheError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"embedded default at {models.root}\n{format_report(models.quality)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,115 @@
+"""The embedded default: quality of the full build, round trip through from_pretrained, cache behaviour.
+
+The full build is shared with the end-to-end training test through the cache (``RLHF_DS_CACHE``); the cache
+tests use a tiny recipe in their own directory so they take seconds.
+"""
+import json
+import os
+import time
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from rlhf_ds import corpus
+from rlhf_ds.embedded import EmbeddedCacheError, Recipe, build, cache_dir, quality_report, train_models, verify
+from rlhf_ds.models import load_reward_model
+
+TINY = Recipe(policy_layers=1, policy_hidden_size=32, reward_layers=1, reward_hidden_size=32, sft_steps=4,
+              reward_steps=4, sft_batch_size=8, reward_batch_size=8, eval_pairs=10, eval_prompts=4,
+              eval_new_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def full_build():
+    return build()
+
+
+def test_full_build_quality(full_build):
+    """Recomputed from the saved models (not read from the manifest), with margins a broken build fails."""
+    recipe = Recipe()
+    policy = AutoModelForCausalLM.from_pretrained(full_build.policy, trust_remote_code=False)
+    policy_tok = AutoTokenizer.from_pretrained(full_build.policy, trust_remote_code=False)
+    reward, reward_tok = load_reward_model(full_build.reward, torch.float32)
+    q = quality_report(policy, policy_tok, reward, reward_tok, recipe)
+    assert q["reward_accuracy"] >= 0.90, q
+    assert min(q["reward_accuracy_per_flaw"].values()) >= 0.6, q
+    gap = q["chosen_score_mean"] - q["rejected_score_mean"]
+    assert gap > 2.0, q
+    # The SFT policy is clearly between the two, so PPO has room to raise its reward.
+    assert q["rejected_score_mean"] + 0.15 * gap < q["policy_score_mean"] < q["chosen_score_mean"] - 0.15 * gap, q
+    assert q["policy_eos_fraction"] >= 0.7, q
+
+
+def test_policy_tokenizer_is_qwen2_and_reward_tokenizer_differs(full_build):
+    policy_tok = AutoTokenizer.from_pretrained(full_build.policy)
+    _, reward_tok = load_reward_model(full_build.reward, torch.float32)
+    assert type(policy_tok).__name__ == "Qwen2Tokenizer" and policy_tok.eos_token == "<|endoftext|>"
+    text = "How do I cook rice at home?"
+    assert policy_tok(text)["input_ids"] != reward_tok(text)["input_ids"]
+    assert policy_tok.decode(policy_tok(text)["input_ids"]) == text
+
+
+def _same_weights_and_outputs(loaded, original, inputs):
+    """Bit-identical weights; outputs equal up to float summation order (kernels may pick another order)."""
+    original_state = original.state_dict()
+    assert all(torch.equal(t, original_state[k]) for k, t in loaded.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, original(**inputs).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_saved_models_give_the_same_outputs(tmp_path):
+    models = train_models(TINY)
+    models.save(tmp_path)
+    ids = models.policy_tokenizer("\n\nHuman: How do I cook rice?\n\nAssistant:", return_tensors="pt")["input_ids"]
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "policy", trust_remote_code=False)
+    assert type(policy).__name__ == "Qwen2ForCausalLM"
+    assert policy.config.tie_word_embeddings and policy.config.num_key_value_heads < policy.config.num_attention_heads
+    _same_weights_and_outputs(policy, models.policy, {"input_ids": ids})
+    reward = AutoModelForSequenceClassification.from_pretrained(tmp_path / "reward", trust_remote_code=False)
+    assert type(reward).__name__ == "DebertaV2ForSequenceClassification" and reward.config.num_labels == 1
+    pair = models.reward_tokenizer(["How do I cook rice?"], ["Cook it slowly."], return_tensors="pt")
+    _same_weights_and_outputs(reward, models.reward, pair)
+
+
+def test_build_is_deterministic(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_models(TINY).save(a)
+    train_models(TINY).save(b)
+    for name in ("policy/model.safetensors", "reward/model.safetensors", "policy/tokenizer.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_cache_reuse_corruption_and_unwritable(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_DS_CACHE", str(tmp_path / "cache"))
+    first = build(TINY)
+    assert first.root == cache_dir(TINY) and verify(first.root) is None
+    assert json.loads((first.root / "manifest.json").read_text())["quality"]["reward_accuracy"] >= 0
+
+    start = time.time()
+    assert build(TINY).root == first.root
+    assert time.time() - start < 2.0  # verified, not rebuilt
+
+    weights = first.root / "policy" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])  # truncated file
+    assert "does not match its hash" in verify(first.root)
+    with pytest.warns(UserWarning, match="broken"):
+        rebuilt = build(TINY)
+    assert verify(rebuilt.root) is None
+
+    os.remove(rebuilt.root / "reward" / "config.json")
+    assert "missing" in verify(rebuilt.root)
+    with pytest.warns(UserWarning, match="missing"):
+        build(TINY)
+    assert not [p for p in (tmp_path / "cache" / "embedded").iterdir() if ".tmp-" in p.name]  # no leftovers
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("RLHF_DS_CACHE", str(blocker / "sub"))
+    with pytest.raises(EmbeddedCacheError, match="RLHF_DS_CACHE"):
+        build(TINY)
+
+
+def test_corpus_prompts_cover_held_out_test_split():
+    assert len(corpus.make_split("test")) >= Recipe().eval_prompts

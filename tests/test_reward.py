@@ -1,0 +1,60 @@
+"""Cross-tokenizer reward path: the reward model reads exactly the text the policy generated."""
+import pytest
+import torch
+
+from rlhf_ds import corpus
+from rlhf_ds.embedded import build_policy_tokenizer, build_reward_tokenizer
+from rlhf_ds.reward import RunningMoments, decode_rollout, encode_pairs
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    texts = [r["chosen"] for r in corpus.make_corpus(300, seed=5)]
+    return build_policy_tokenizer(texts, 400), build_reward_tokenizer(texts, 400)
+
+
+def test_encode_pairs_cuts_the_question_from_the_left(tokenizers):
+    _, reward_tok = tokenizers
+    question = "Hi there. Can I ask you something? How do I cook rice at home?"
+    batch = encode_pairs(reward_tok, [question], ["Cook the rice slowly."], max_len=12)
+    tokens = reward_tok.convert_ids_to_tokens(batch["input_ids"][0])
+    assert tokens == ["[CLS]", "rice", "at", "home", "?", "[SEP]", "cook", "the", "rice", "slowly", ".", "[SEP]"]
+
+
+def test_encode_pairs_survives_an_answer_longer_than_the_limit(tokenizers):
+    _, reward_tok = tokenizers
+    batch = encode_pairs(reward_tok, ["short question?"], ["word " * 50], max_len=16)
+    assert batch["input_ids"].shape == (1, 16)
+
+
+def test_decode_rollout_recovers_the_generated_text(tokenizers):
+    policy_tok, _ = tokenizers
+    prompts = ["\n\nHuman: How do I cook rice?\n\nAssistant:",
+               "\n\nHuman: Hi there.\n\nAssistant: Hello!\n\nHuman: Is Spain a good place for a holiday?\n\nAssistant:"]
+    answers = ["Cook the rice slowly.", "Spain is lovely."]
+    eos = policy_tok.eos_token_id
+    prompt_ids = [policy_tok(p)["input_ids"] for p in prompts]
+    answer_ids = [policy_tok(" " + a)["input_ids"] + [eos] for a in answers]
+    P, R = max(map(len, prompt_ids)), max(map(len, answer_ids)) + 2
+    prompt_t = torch.full((2, P), eos)
+    prompt_mask = torch.zeros((2, P), dtype=torch.long)
+    resp_t = torch.full((2, R), eos)
+    resp_mask = torch.zeros((2, R), dtype=torch.long)
+    for i in range(2):
+        prompt_t[i, P - len(prompt_ids[i]):] = torch.tensor(prompt_ids[i])
+        prompt_mask[i, P - len(prompt_ids[i]):] = 1
+        resp_t[i, :len(answer_ids[i])] = torch.tensor(answer_ids[i])
+        resp_mask[i, :len(answer_ids[i])] = 1
+    questions, decoded = decode_rollout(policy_tok, prompt_t, prompt_mask, resp_t, resp_mask)
+    assert decoded == answers
+    assert questions == [p[:-len("\n\nAssistant:")].strip() for p in prompts]
+
+
+def test_running_moments_match_full_statistics():
+    data = torch.randn(100, dtype=torch.float64) * 3 + 1
+    moments = RunningMoments()
+    for chunk in data.split(17):
+        moments.update(chunk.mean().item(), chunk.var(unbiased=False).item(), chunk.numel())
+    assert moments.mean == pytest.approx(data.mean().item())
+    assert moments.var == pytest.approx(data.var(unbiased=False).item())
+    assert moments.normalize(data).mean().item() == pytest.approx(0.0, abs=1e-9)

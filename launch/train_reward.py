@@ -47,8 +47,9 @@ def _pairs(source: str, split: str):
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
+    from rlhf_ds.models import load_saved_tokenizer
     from rlhf_ds.supervised import Schedule, evaluate_reward_model, train_reward_model
 
     try:
@@ -58,7 +59,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_saved_tokenizer(args.model, args.trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1,
                                                                trust_remote_code=args.trust_remote_code)
     schedule = Schedule(args.steps, args.batch_size, args.lr, args.warmup_steps, seed=args.seed)

@@ -51,17 +51,18 @@ class Recipe:
     policy_layers: int = 4
     policy_heads: int = 4
     policy_kv_heads: int = 2
+    policy_intermediate_size: int = 384
     reward_vocab_size: int = 1024
     reward_hidden_size: int = 96
     reward_layers: int = 2
     reward_heads: int = 4
     max_seq_len: int = 160
     sft_rejected_fraction: float = 0.5
-    sft_steps: int = 500
+    sft_steps: int = 300
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
-    reward_steps: int = 250
-    reward_batch_size: int = 64
+    reward_steps: int = 100
+    reward_batch_size: int = 32
     reward_lr: float = 1e-3
     eval_pairs: int = 400
     eval_prompts: int = 128
@@ -161,6 +162,7 @@ def _policy_model(recipe: Recipe, tokenizer):
                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                hidden_size=recipe.policy_hidden_size, num_layers=recipe.policy_layers,
                                num_heads=recipe.policy_heads, num_kv_heads=recipe.policy_kv_heads,
+                               intermediate_size=recipe.policy_intermediate_size,
                                max_position_embeddings=2 * recipe.max_seq_len)
     return Qwen2ForCausalLM(config)
 
@@ -387,7 +389,7 @@ def format_report(quality: dict) -> str:
     lines += [f"mean score: chosen {quality['chosen_score_mean']:.3f}, rejected {quality['rejected_score_mean']:.3f},"
               f" SFT policy samples {quality['policy_score_mean']:.3f}",
               f"SFT policy samples ending with EOS: {quality['policy_eos_fraction']:.2f}"]
-    lines += [f"time per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in quality.get("timings", {}).items())]
+    lines += ["time per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in quality.get("timings", {}).items())]
     lines += ["samples:"] + [f"  ...{s!r}" for s in quality["policy_samples"]]
     return "\n".join(lines)
 

@@ -51,7 +51,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 0)
 
 
-def _auto_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+def load_saved_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
     """The tokenizer saved at ``path``, as saved.
 
     transformers 5 rebuilds the tokenizer of some model types (qwen2 among them) as that type's own class
@@ -75,7 +75,7 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, path: str) -> None:
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The policy tokenizer: left padding so every prompt ends where generation starts; pad = eos if unset."""
-    tokenizer = _auto_tokenizer(path, trust_remote_code)
+    tokenizer = load_saved_tokenizer(path, trust_remote_code)
     _ensure_pad_token(tokenizer, path)
     tokenizer.padding_side = "left"
     return tokenizer
@@ -151,7 +151,7 @@ def load_reward_model(path: str, dtype: torch.dtype,
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype,
                                                                trust_remote_code=trust_remote_code,
                                                                use_safetensors=True)
-    tokenizer = _auto_tokenizer(path, trust_remote_code)
+    tokenizer = load_saved_tokenizer(path, trust_remote_code)
     _ensure_pad_token(tokenizer, path)
     tokenizer.padding_side = "right"
     return model, tokenizer

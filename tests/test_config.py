@@ -1,7 +1,5 @@
 """PPOConfig: defaults of the original script, file and CLI loading, and one-line errors for bad values."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

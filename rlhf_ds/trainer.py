@@ -1,0 +1,227 @@
+"""The PPO-RLHF loop: generate -> experience -> shape rewards -> advantages -> KL control -> update -> log.
+
+``PPOTrainer.step`` reads like the iteration in the README's diagram; the maths lives in ``ppo.py``, the
+collectives in ``distributed.py``, the engines in ``engines.py``. Every rank runs the same code on its own
+prompts; statistics that steer training (the KL fed to the controller, advantage whitening, metrics) are
+all-reduced, so every rank holds the same ``kl_coef`` at every iteration.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import torch
+
+from rlhf_ds import ppo
+from rlhf_ds.config import PPOConfig
+from rlhf_ds.data import PromptCollator, PromptLoader
+from rlhf_ds.distributed import (all_reduce_mean, all_reduce_sum, get_rank, get_world_size, global_masked_mean,
+                                 global_masked_whiten, is_main_process)
+from rlhf_ds.engines import Engines
+from rlhf_ds.experience import Experience, ExperienceMaker, response_logits, response_values
+from rlhf_ds.hybrid import HybridEngine
+from rlhf_ds.kl_control import make_kl_controller
+from rlhf_ds.reward import RunningMoments
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many consecutive non-finite rollouts); the message says why."""
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase of one iteration."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[f"time_{phase}_s"] = now - self._start
+        self._start = now
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on at least one rank (every rank must call it)."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+
+
+class PPOTrainer:
+    """Runs PPO iterations on four engines; ``prompts`` are this run's training prompts (all ranks the same)."""
+
+    def __init__(self, config: PPOConfig, engines: Engines, prompts: list[str]):
+        self.config = config
+        self.engines = engines
+        self.rank, self.world_size = get_rank(), get_world_size()
+        self.device = engines.actor.device
+        tokenizer = engines.policy_tokenizer
+        self.collate = PromptCollator(tokenizer, config.max_prompt_len)
+        self.loader = PromptLoader(prompts, config.rollout_batch_size, config.seed, self.rank, self.world_size)
+        self.generator = HybridEngine(engines.actor, tokenizer, config.max_new_tokens, config.temperature,
+                                      config.top_k, config.top_p)
+        self.experience_maker = ExperienceMaker(engines.actor, engines.critic, engines.reference, engines.reward,
+                                                tokenizer, engines.reward_tokenizer, config.temperature,
+                                                config.reward_max_len, config.mini_batch_size)
+        self.kl_controller = make_kl_controller(config)
+        self.score_moments = RunningMoments()
+        self.iteration = 0
+        self.skipped_batches = 0
+        self.consecutive_skips = 0
+
+    # --- one iteration ----------------------------------------------------------------------------------
+    def step(self, prompts: list[str]) -> dict:
+        """One PPO iteration on this rank's ``prompts``; returns the all-reduced metrics."""
+        cfg = self.config
+        timer = PhaseTimer()
+        batch = {k: v.to(self.device) for k, v in self.collate(prompts).items()}
+        sequences, response_mask = self.generator.generate(batch["input_ids"], batch["attention_mask"],
+                                                           generator_seed=self._sample_seed())
+        timer.lap("generation")
+
+        exp = self.experience_maker.make(batch["attention_mask"], sequences, response_mask)
+        timer.lap("experience")
+        if _any_rank(not torch.isfinite(exp.scores).all(), self.device):
+            return self._skip("non-finite reward score", timer)
+
+        mask = exp.response_mask
+        scores = self._normalise(exp.scores)
+        kl = ppo.kl_penalty(exp.old_logprobs, exp.ref_logprobs, cfg.kl_estimator)
+        kl_coef = self.kl_controller.value
+        rewards = ppo.shape_rewards(scores, kl, mask, kl_coef, cfg.reward_clip)
+        exp.advantages, exp.returns = ppo.gae(rewards, exp.values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            exp.advantages = global_masked_whiten(exp.advantages, mask)
+        kl_divergence = global_masked_mean(kl, mask).item()  # token-weighted over all ranks
+
+        update_metrics = self.update(exp)
+        timer.lap("update")
+        if update_metrics is None:
+            return self._skip("non-finite loss", timer)
+        self.kl_controller.update(kl_divergence, cfg.rollout_batch_size * self.world_size)
+        self.consecutive_skips = 0
+
+        sequence_reward = (rewards * mask).sum(1)
+        local = {
+            "score_mean": exp.scores.mean().item(),
+            "score_sq": exp.scores.square().mean().item(),
+            "reward_mean": sequence_reward.mean().item(),
+            "reward_sq": sequence_reward.square().mean().item(),
+            "response_length": mask.sum(1).mean().item(),
+            "value_explained_var": ppo.explained_variance(exp.values, exp.returns, mask).item(),
+            "tokens": mask.sum().item(),
+            **update_metrics, **timer.seconds,
+        }
+        metrics = all_reduce_mean(local)
+        for name in ("score", "reward"):
+            metrics[f"{name}_std"] = max(metrics.pop(f"{name}_sq") - metrics[f"{name}_mean"] ** 2, 0.0) ** 0.5
+        tokens = metrics.pop("tokens") * self.world_size
+        seconds = sum(timer.seconds.values())
+        metrics.update(iteration=self.iteration, kl_divergence=kl_divergence, kl_coef=kl_coef,
+                       next_kl_coef=self.kl_controller.value, skipped_batches=self.skipped_batches,
+                       tokens_per_s=tokens / seconds,
+                       total_loss=ppo.total_loss(metrics["policy_loss"], metrics["value_loss"],
+                                                 metrics["entropy_loss"], cfg.vf_coef))
+        return metrics
+
+    def update(self, exp: Experience) -> dict | None:
+        """``ppo_epochs`` passes of shuffled mini-batches through actor and critic; None if a loss was non-finite.
+
+        Actor: policy_loss + entropy_loss. Critic: vf_coef * value_loss. Each steps through its DeepSpeed
+        engine (gradient all-reduce, clipping, ZeRO). Non-finiteness is agreed on by all ranks before any
+        backward, so no rank steps alone.
+        """
+        cfg = self.config
+        actor, critic = self.engines.actor, self.engines.critic
+        generator = torch.Generator().manual_seed(self._sample_seed())
+        sums: dict[str, float] = {}
+        steps = 0
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(exp.sequences.shape[0], generator=generator)
+            for index in order.split(cfg.mini_batch_size):
+                mb = exp.select(index.to(self.device))
+                mask = mb.response_mask
+                logits = response_logits(actor, mb.sequences, mb.attention_mask, mb.prompt_len, cfg.temperature)
+                logprobs = ppo.logprobs_from_logits(logits, mb.sequences[:, mb.prompt_len:])
+                entropy = ppo.entropy_from_logits(logits)
+                del logits
+                policy_loss, clipfrac = ppo.policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask,
+                                                        cfg.clip_range)
+                entropy_loss = ppo.entropy_loss(entropy, mask, cfg.entropy_coef)
+                values = response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len)
+                value_loss = ppo.value_loss(values, mb.values, mb.returns, mask, cfg.clip_range_value)
+                actor_loss, critic_loss = policy_loss + entropy_loss, cfg.vf_coef * value_loss
+                if _any_rank(not bool(torch.isfinite(actor_loss) & torch.isfinite(critic_loss)), self.device):
+                    return None
+                actor.backward(actor_loss)
+                actor.step()
+                critic.backward(critic_loss)
+                critic.step()
+                with torch.no_grad():
+                    log_ratio = logprobs - mb.old_logprobs
+                    approx_kl = ppo.masked_mean(log_ratio.exp() - 1 - log_ratio, mask)
+                    entropy_mean = ppo.masked_mean(entropy, mask)
+                for name, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
+                                    ("entropy_loss", entropy_loss), ("entropy", entropy_mean),
+                                    ("clipfrac", clipfrac), ("approx_kl", approx_kl)):
+                    sums[name] = sums.get(name, 0.0) + value.item()
+                steps += 1
+        return {name: total / steps for name, total in sums.items()}
+
+    # --- helpers ------------------------------------------------------------------------------------------
+    def _sample_seed(self) -> int:
+        """A distinct, reproducible seed per (run seed, iteration, rank): sampling that resumes identically."""
+        return (self.config.seed * 1_000_003 + self.iteration) * 1009 + self.rank
+
+    def _normalise(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores standardised by running global moments when ``normalize_reward`` is on (same on all ranks)."""
+        if not self.config.normalize_reward:
+            return scores
+        stats = all_reduce_sum(torch.stack([scores.sum(), scores.square().sum(),
+                                            torch.tensor(float(scores.numel()), device=scores.device)]).double())
+        total, total_sq, count = stats.tolist()
+        mean = total / count
+        self.score_moments.update(mean, max(total_sq / count - mean**2, 0.0), int(count))
+        return self.score_moments.normalize(scores)
+
+    def _skip(self, reason: str, timer: PhaseTimer) -> dict:
+        """Count a rollout that must not reach an update; stop the run after too many in a row."""
+        self.skipped_batches += 1
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= self.config.max_skipped_batches:
+            raise TrainingError(f"{self.consecutive_skips} consecutive rollouts skipped ({reason}) at iteration "
+                                f"{self.iteration}: check the reward model and lower actor_lr/critic_lr "
+                                f"(max_skipped_batches={self.config.max_skipped_batches})")
+        return {"iteration": self.iteration, "skipped_batches": self.skipped_batches, "skip_reason": reason,
+                "kl_coef": self.kl_controller.value, **timer.seconds}
+
+    # --- the loop -------------------------------------------------------------------------------------------
+    def train(self) -> list[dict]:
+        """Run ``config.iterations`` iterations; rank 0 appends each iteration's metrics to metrics.jsonl."""
+        cfg = self.config
+        history = []
+        batches = iter(self.loader)
+        metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        if is_main_process():
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            open(metrics_path, "w").close()  # a new run starts a new log
+        while self.iteration < cfg.iterations:
+            metrics = self.step(next(batches))
+            history.append(metrics)
+            if is_main_process():
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps(metrics) + "\n")
+                if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.iterations - 1:
+                    print(format_metrics(metrics), flush=True)
+            self.iteration += 1
+        return history
+
+
+def format_metrics(metrics: dict) -> str:
+    """One console line per iteration: the numbers a user watches."""
+    if "skip_reason" in metrics:
+        return f"iter {metrics['iteration']:4d} skipped ({metrics['skip_reason']}), total {metrics['skipped_batches']}"
+    return (f"iter {metrics['iteration']:4d}  score {metrics['score_mean']:+.3f}  reward {metrics['reward_mean']:+.3f}"
+            f"  kl {metrics['kl_divergence']:.4f}  kl_coef {metrics['kl_coef']:.4f}"
+            f"  policy {metrics['policy_loss']:+.4f}  value {metrics['value_loss']:.4f}"
+            f"  entropy {metrics['entropy']:.3f}  len {metrics['response_length']:.1f}"
+            f"  {metrics['tokens_per_s']:.0f} tok/s")

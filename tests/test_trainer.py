@@ -1,0 +1,121 @@
+"""The PPO trainer: 2 CPU ranks under ZeRO-2 and ZeRO-3 through the real launcher, experience correctness, and
+the one-line errors of launch/train.py.
+
+The runs are short (3 iterations of 4 prompts per rank) on the embedded default, built once and cached;
+they test agreement between ranks, not learning (``test_learning.py`` does that).
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf_ds.embedded import build
+from rlhf_ds.models import load_reward_model, load_tokenizer
+from rlhf_ds.experience import ExperienceMaker
+from rlhf_ds.kl_control import StepKLController
+from rlhf_ds.models import CriticModel
+from test_distributed import launch
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_ARGS = ["--iterations", "3", "--rollout_batch_size", "4", "--mini_batch_size", "2", "--max_new_tokens", "16",
+            "--ppo_epochs", "2", "--max_prompts", "64", "--normalize_reward", "true"]
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return build()  # in this process, before the ranks start, so they find it cached
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def two_rank_run(request, embedded, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"zero{request.param}")
+    return launch("run_trainer.py", out, str(out), *RUN_ARGS, "--zero_stage", str(request.param),
+                  "--output_dir", str(out / "run"))
+
+
+def test_ranks_agree_on_every_metric_and_kl_coef(two_rank_run):
+    rank0, rank1 = two_rank_run
+    assert len(rank0["history"]) == 3
+    for m0, m1 in zip(rank0["history"], rank1["history"]):
+        assert set(m0) == set(m1)
+        for key in m0:
+            assert m0[key] == m1[key] or key.startswith("time_") or key == "tokens_per_s", key
+        assert m0["kl_coef"] == m1["kl_coef"] and m0["next_kl_coef"] == m1["next_kl_coef"]
+
+
+def test_actor_identical_on_both_ranks_and_frozen_models_unchanged(two_rank_run):
+    rank0, rank1 = two_rank_run
+    assert rank0["actor"] == rank1["actor"]
+    for result in two_rank_run:
+        assert result["frozen_unchanged"] == {"reference": True, "reward": True}
+
+
+def test_kl_statistic_is_the_token_weighted_global_mean(two_rank_run):
+    rank0, rank1 = two_rank_run
+    counts_differ = False
+    for i, metrics in enumerate(rank0["history"]):
+        r0, r1 = rank0["rollouts"][i], rank1["rollouts"][i]
+        counts_differ |= r0["tokens"] != r1["tokens"]
+        expected = (r0["kl_sum"] + r1["kl_sum"]) / (r0["tokens"] + r1["tokens"])
+        assert metrics["kl_divergence"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+        mean_of_means = (r0["kl_sum"] / r0["tokens"] + r1["kl_sum"] / r1["tokens"]) / 2
+        if r0["tokens"] != r1["tokens"] and abs(r0["kl_sum"]) > 1e-6:
+            assert metrics["kl_divergence"] != pytest.approx(mean_of_means, rel=1e-6)
+    assert counts_differ, "ranks had equal valid-token counts: the test would not tell the two means apart"
+
+
+def test_kl_coef_follows_the_step_rule(two_rank_run):
+    history = two_rank_run[0]["history"]
+    for before, after in zip(history, history[1:]):
+        assert after["kl_coef"] == before["next_kl_coef"]
+    for metrics in history:
+        rule = StepKLController(metrics["kl_coef"], 0.01, min_coef=0.05, max_coef=2.0)
+        assert metrics["next_kl_coef"] == pytest.approx(rule.update(metrics["kl_divergence"], 1))
+
+
+# --- experience (one process, plain models) --------------------------------------------------------------
+def test_batched_experience_equals_per_sequence_and_ignores_left_padding(embedded):
+    tok = load_tokenizer(embedded.policy)
+    policy = AutoModelForCausalLM.from_pretrained(embedded.policy)
+    reward, reward_tok = load_reward_model(embedded.reward, torch.float32)
+    torch.manual_seed(0)
+    critic = CriticModel(policy.model)
+    torch.nn.init.normal_(critic.value_head.weight, std=0.1)
+    maker = ExperienceMaker(policy, critic, policy, reward, tok, reward_tok,
+                            temperature=0.7, reward_max_len=64, micro_batch_size=4)
+    prompts = ["\n\nHuman: How do I cook rice?\n\nAssistant:",
+               "\n\nHuman: Hi there.\n\nAssistant: Hello!\n\nHuman: What should I feed my cat?\n\nAssistant:",
+               "\n\nHuman: Is yoga good exercise?\n\nAssistant:"]
+    batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    responses = torch.randint(3, len(tok), (3, 6))
+    responses[0, 2] = tok.eos_token_id  # first response ends early; tokens after EOS are masked
+    response_mask = torch.ones_like(responses)
+    response_mask[0, 3:] = 0
+    full = maker.make(batch["attention_mask"], torch.cat([batch["input_ids"], responses], 1), response_mask)
+    for i, prompt in enumerate(prompts):
+        alone = tok([prompt], return_tensors="pt")
+        one = maker.make(alone["attention_mask"], torch.cat([alone["input_ids"], responses[i:i + 1]], 1),
+                         response_mask[i:i + 1])
+        valid = response_mask[i].bool()
+        for name in ("old_logprobs", "ref_logprobs", "values"):
+            torch.testing.assert_close(getattr(full, name)[i][valid], getattr(one, name)[0][valid],
+                                       rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(full.scores[i], one.scores[0], rtol=1e-4, atol=1e-5)
+
+
+# --- entry point errors ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, needle", [
+    (["--clip_range", "1.5"], "clip_range=1.5"),
+    (["--kl_cof", "0.1"], "did you mean '--kl_coef'"),
+    (["--dataset", "/nonexistent/prompts.jsonl"], "/nonexistent/prompts.jsonl"),
+])
+def test_train_py_bad_input_is_one_line_and_exit_2(args, needle, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *args,
+                           "--policy_model", str(tmp_path), "--reward_model", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr

@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     from rlhf_ds.distributed import get_world_size, init_distributed, is_main_process
     from rlhf_ds.embedded import resolve_model_paths
     from rlhf_ds.engines import build_engines, describe_placement
-    from rlhf_ds.trainer import PPOTrainer
+    from rlhf_ds.trainer import PPOTrainer, TrainingError
 
     try:
         policy, critic, reward = resolve_model_paths(config)
@@ -47,7 +47,11 @@ def main(argv: list[str]) -> int:
         print(f"models: policy {policy}, critic {critic}, reward {reward}")
         print(f"prompts: {stats.summary()}")
         print("placement (rank 0):\n" + describe_placement(engines), flush=True)
-    PPOTrainer(config, engines, prompts).train()
+    try:
+        PPOTrainer(config, engines, prompts).train()
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,22 +15,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rlhf_ds.data import DataError, load_records  # noqa: E402
+from rlhf_ds.supervised import stage_arguments  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="sequence classifier or encoder: hub name or local dir")
-    parser.add_argument("--data", required=True, help="HH-format preference pairs source")
-    parser.add_argument("--split", default="train")
+    parser = stage_arguments(__doc__.splitlines()[0], "sequence classifier or encoder: hub name or local dir",
+                             "HH-format preference pairs source", steps=300)
     parser.add_argument("--eval_split", default="test", help="held-out split for accuracy ('' to skip)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--warmup_steps", type=int, default=30)
-    parser.add_argument("--max_len", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--trust_remote_code", action="store_true")
     return parser.parse_args(argv)
 
 

@@ -7,6 +7,7 @@ PPO. Batches are bucketed by length so little compute goes to padding.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import random
 import time
@@ -81,6 +82,23 @@ def train_loop(model: torch.nn.Module, batches: Iterator[list[int]], loss_fn: Ca
                   flush=True)
     model.eval()
     return losses
+
+
+def stage_arguments(description: str, model_help: str, data_help: str, steps: int) -> argparse.ArgumentParser:
+    """The command-line options both stage CLIs share (launch/train_sft.py, launch/train_reward.py)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", required=True, help=model_help)
+    parser.add_argument("--data", required=True, help=data_help)
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--out", required=True, help="output directory (safetensors + tokenizer)")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--warmup_steps", type=int, default=steps // 10)
+    parser.add_argument("--max_len", type=int, default=512, help="tokens per example (prompt cut from the left)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trust_remote_code", action="store_true")
+    return parser
 
 
 # --- SFT -------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ the one-line errors of launch/train.py.
 The runs are short (3 iterations of 4 prompts per rank) on the embedded default, built once and cached;
 they test agreement between ranks, not learning (``test_learning.py`` does that).
 """
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,22 @@ def test_train_py_bad_input_is_one_line_and_exit_2(args, needle, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_non_finite_scores_are_skipped_counted_and_stop_the_run(embedded, tmp_path):
+    """A reward model that returns NaN never reaches an update: each rollout is skipped and counted, and the run
+    stops with a clear error after max_skipped_batches in a row."""
+    reward, reward_tok = load_reward_model(embedded.reward, torch.float32)
+    with torch.no_grad():
+        reward.classifier.bias.fill_(float("nan"))
+    reward.save_pretrained(tmp_path / "nan_reward")
+    reward_tok.save_pretrained(tmp_path / "nan_reward")
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--reward_model",
+                           str(tmp_path / "nan_reward"), "--iterations", "5", "--max_skipped_batches", "2",
+                           "--rollout_batch_size", "4", "--mini_batch_size", "4", "--output_dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "2 consecutive rollouts skipped (non-finite reward score)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped_batches"] for m in logged] == [1]  # the second skip raised before logging

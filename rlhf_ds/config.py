@@ -90,7 +90,7 @@ class PPOConfig:
     ds_config: Optional[str] = _doc(None, "your own DeepSpeed JSON for actor/critic (batch fields filled in)")
     seed: int = _doc(42, "random seed (each rank samples with seed + rank)")
     output_dir: str = _doc("runs/ppo", "where config, metrics.jsonl and checkpoints go")
-    save_interval: int = _doc(0, "save a checkpoint every N iterations (0 = only at the end)")
+    save_interval: int = _doc(0, "export the policy to output_dir/policy every N iterations (0 = only at the end)")
     log_interval: int = _doc(1, "print metrics every N iterations")
 
     # ---------------------------------------------------------------------------------------------------

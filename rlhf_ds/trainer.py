@@ -13,6 +13,7 @@ import time
 import torch
 
 from rlhf_ds import ppo
+from rlhf_ds.checkpoint import export_model
 from rlhf_ds.config import PPOConfig
 from rlhf_ds.data import PromptCollator, PromptLoader
 from rlhf_ds.distributed import (all_reduce_mean, all_reduce_sum, get_rank, get_world_size, global_masked_mean,
@@ -196,7 +197,10 @@ class PPOTrainer:
 
     # --- the loop -------------------------------------------------------------------------------------------
     def train(self) -> list[dict]:
-        """Run ``config.iterations`` iterations; rank 0 appends each iteration's metrics to metrics.jsonl."""
+        """Run ``config.iterations`` iterations; rank 0 appends each iteration's metrics to metrics.jsonl.
+
+        The policy is exported to ``output_dir/policy`` every ``save_interval`` iterations and at the end.
+        """
         cfg = self.config
         history = []
         batches = iter(self.loader)
@@ -213,7 +217,17 @@ class PPOTrainer:
                 if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.iterations - 1:
                     print(format_metrics(metrics), flush=True)
             self.iteration += 1
+            if self.iteration == cfg.iterations or (cfg.save_interval and self.iteration % cfg.save_interval == 0):
+                self.save_policy()
         return history
+
+    def save_policy(self) -> str:
+        """Export the actor as a Hugging Face model directory (safetensors + tokenizer); returns its path."""
+        path = os.path.join(self.config.output_dir, "policy")
+        export_model(self.engines.actor, self.engines.policy_tokenizer, path)
+        if is_main_process():
+            print(f"policy saved to {path} (iteration {self.iteration})", flush=True)
+        return path
 
 
 def format_metrics(metrics: dict) -> str:

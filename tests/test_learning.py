@@ -51,6 +51,16 @@ def test_kl_bounded_and_coefficient_follows_the_rule(run):
     assert len({m["kl_coef"] for m in metrics}) > 1  # the controller acted
 
 
+def test_trained_policy_is_exported_for_transformers(run):
+    from transformers import pipeline
+
+    stdout, _, config = run
+    assert f"policy saved to {config.output_dir}/policy" in stdout
+    generate = pipeline("text-generation", model=f"{config.output_dir}/policy")
+    text = generate("\n\nHuman: How do I cook rice?\n\nAssistant:", max_new_tokens=8)[0]["generated_text"]
+    assert text.startswith("\n\nHuman: How do I cook rice?\n\nAssistant:")
+
+
 def test_start_up_prints_config_and_placement(run):
     stdout, _, config = run
     assert "kl_coef" in stdout and "target_kl" in stdout and "placement" in stdout

@@ -54,6 +54,10 @@ def test_actor_identical_on_both_ranks_and_frozen_models_unchanged(two_rank_run)
         assert result["frozen_unchanged"] == {"reference": True, "reward": True}
 
 
+def test_exported_policy_weights_match_the_trained_engine(two_rank_run):
+    assert two_rank_run[0]["export_max_abs_diff"] < 1e-5
+
+
 def test_kl_statistic_is_the_token_weighted_global_mean(two_rank_run):
     rank0, rank1 = two_rank_run
     counts_differ = False

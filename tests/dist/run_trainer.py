@@ -2,11 +2,17 @@
 
 Runs PPO iterations exactly as launch/train.py does (same config parsing, engines and trainer) and writes per
 rank: every iteration's metrics, each rollout's KL sum and valid-token count (to recompute the global KL
-statistic independently), and digests of the actor (gathered), reference and reward parameters.
+statistic independently), digests of the actor (gathered), reference and reward parameters, and how far the
+exported policy's logits are from the trained engine's.
 """
 import json
 import os
 import sys
+
+import contextlib
+
+import deepspeed
+from safetensors.torch import load_file
 
 from rlhf_ds.config import PPOConfig
 from rlhf_ds.data import load_prompts
@@ -37,7 +43,16 @@ def main() -> None:
 
     trainer.experience_maker.make = recording_make
     history = trainer.train()
+    # Compare the export's tensors with the engine's gathered parameters (loading a model here would go through
+    # zero.Init on one rank only while ZeRO-3 is configured, a collective the other rank never joins).
+    exported = load_file(os.path.join(config.output_dir, "policy", "model.safetensors"))
+    params = list(engines.actor.module.parameters())
+    partitioned = engines.actor.zero_optimization_partition_weights()
+    with deepspeed.zero.GatheredParameters(params) if partitioned else contextlib.nullcontext():
+        export_diff = max((exported[name] - param.detach().cpu()).abs().max().item()
+                          for name, param in engines.actor.module.named_parameters() if name in exported)
     result = {
+        "export_max_abs_diff": export_diff,
         "rank": get_rank(),
         "history": history,
         "rollouts": rollouts,

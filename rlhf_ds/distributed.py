@@ -7,6 +7,7 @@ compute on the concatenated data. All helpers also work without a process group 
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 
@@ -98,6 +99,14 @@ def init_distributed() -> None:
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    atexit.register(_leave_process_group)
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group before interpreter shutdown: a gloo group left to static destructors can
+    abort the process ("terminate called without an active exception") after the script has succeeded."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def get_rank() -> int:

@@ -54,11 +54,14 @@ def launch(script: str, out_dir: Path, *args: str) -> list[dict]:
     """Run tests/dist/<script> on RANKS ranks with the deepspeed launcher; return each rank's JSON."""
     _prebuild_deepspeed_ops()
     out_dir.mkdir(parents=True, exist_ok=True)
+    port = str(_free_port())
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(RANKS), "--no_local_rank",
-           "--master_port", str(_free_port()), str(DIST / script), *args]
+           "--master_port", port, str(DIST / script), *args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert proc.returncode == 0, f"{script} failed:\n{(proc.stdout + proc.stderr)[-6000:]}"
+    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"shared-memory buffers left behind: {leaked}"
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(RANKS)]
 
 

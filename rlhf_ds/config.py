@@ -90,8 +90,14 @@ class PPOConfig:
     ds_config: Optional[str] = _doc(None, "your own DeepSpeed JSON for actor/critic (batch fields filled in)")
     seed: int = _doc(42, "random seed (each rank samples with seed + rank)")
     output_dir: str = _doc("runs/ppo", "where config, metrics.jsonl and checkpoints go")
-    save_interval: int = _doc(0, "export the policy to output_dir/policy every N iterations (0 = only at the end)")
-    log_interval: int = _doc(1, "print metrics every N iterations")
+    save_interval: int = _doc(20, "checkpoint (resumable) every N iterations; 0 = only at the end")
+    keep_checkpoints: int = _doc(2, "complete checkpoints kept in output_dir/checkpoints (older ones deleted)")
+    resume: Optional[str] = _doc(None, "'auto' (newest complete checkpoint in output_dir) or a checkpoint path")
+    force_resume: bool = _doc(False, "resume although the config changed something that breaks exactness")
+    log_interval: int = _doc(1, "print metrics every N iterations (when stdout is not a terminal)")
+    tensorboard: bool = _doc(True, "write TensorBoard logs to output_dir/tensorboard")
+    wandb: bool = _doc(False, "also log to Weights & Biases (needs `pip install wandb`)")
+    wandb_project: str = _doc("rlhf-ds", "Weights & Biases project name")
 
     # ---------------------------------------------------------------------------------------------------
     def validate(self) -> "PPOConfig":
@@ -143,6 +149,8 @@ class PPOConfig:
         need(self.precision in PRECISIONS, "precision", f"choose one of {', '.join(PRECISIONS)}")
         need(self.save_interval >= 0, "save_interval", "use >= 0 (0 = only at the end)")
         need(self.log_interval >= 1, "log_interval", "use >= 1")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints", "keep at least 1 checkpoint")
+        need(not self.wandb_project.strip() == "", "wandb_project", "name a Weights & Biases project")
         need(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "use a positive count or null")
         need(self.ds_config is None or os.path.isfile(self.ds_config), "ds_config",
              "point it at an existing DeepSpeed JSON file")

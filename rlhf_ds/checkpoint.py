@@ -1,22 +1,264 @@
-"""Saving what a run produced: the trained policy as an ordinary Hugging Face model directory.
+"""Checkpoints a run resumes from exactly, and Hugging Face exports of the trained models.
 
-``export_model`` writes ``save_pretrained`` output (safetensors) plus the tokenizer, loadable by
-``AutoModelForCausalLM.from_pretrained`` with no rlhf-ds code. Under ZeRO-3 each rank holds only shards, so the
-parameters are gathered first (``zero_to_fp32.py --safe_serialization`` fails on Qwen2's tied embeddings; the
-gathered module's own ``save_pretrained`` does not). The directory appears with a rename only when complete, so
-a crash while saving leaves the previous export intact.
+One checkpoint, ``output_dir/checkpoints/iter_0000020/`` (the number = iterations completed):
+
+    actor/state/, critic/state/   DeepSpeed ``save_checkpoint``: weights, optimizer, scheduler, one shard per rank
+    rng/rank_00000.pt             python, numpy, torch (and accelerator) RNG states of each rank
+    trainer_state.json            iteration, KL controller, data position, reward moments, skip counters, config
+    policy_meta/, critic_meta/    HF configs (+ the policy tokenizer): exporting needs no original model paths
+    manifest.json                 every file above with its size; written last, after all ranks finished
+
+``output_dir/checkpoints/latest`` names the newest complete checkpoint. A checkpoint is written under
+``iter_N.tmp`` and renamed only when every rank has written its part, then ``latest`` is replaced atomically:
+a kill or a full disk while saving leaves the previous checkpoint and ``latest`` untouched. The frozen models
+(reference, reward) are not saved; they are the initial models, loaded again from the config's paths.
+
+``export_model`` writes a live engine's model as an ordinary HF directory (safetensors + tokenizer);
+``export_checkpoint`` does the same offline from a checkpoint. Under ZeRO-3 the weights are consolidated
+first (``zero_to_fp32.py --safe_serialization`` fails on Qwen2's tied embeddings; ``save_pretrained`` on a
+consolidated state dict does not).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
+import random
+import re
 import shutil
+from typing import Optional
 
 import deepspeed
+import numpy as np
+import torch
 
-from rlhf_ds.distributed import barrier, is_main_process
+from rlhf_ds.config import ConfigError, PPOConfig
+from rlhf_ds.distributed import barrier, get_rank, get_world_size, is_main_process
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+TAG = "state"  # DeepSpeed's tag inside actor/ and critic/; ours is the directory name
+STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+TRAINED_ROLES = ("actor", "critic")
+_NAME = re.compile(r"^iter_(\d+)$")
+# Fields that may change between a run and its resume without breaking exactness.
+RESUMABLE_CHANGES = ("iterations", "output_dir", "save_interval", "keep_checkpoints", "resume", "force_resume",
+                     "log_interval", "tensorboard", "wandb", "wandb_project", "max_skipped_batches")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (missing, incomplete, corrupt); one line naming the file."""
+
+
+# --- paths -----------------------------------------------------------------------------------------------
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def checkpoints_root(output_dir: str) -> str:
+    return os.path.join(output_dir, CHECKPOINTS)
+
+
+def complete_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints (renamed from .tmp, with a manifest) under ``output_dir``, oldest first."""
+    root = checkpoints_root(output_dir)
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if _NAME.match(n) and os.path.isfile(os.path.join(root, n, MANIFEST_FILE)))
+    return [os.path.join(root, n) for n in names]
+
+
+# --- RNG ---------------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """This rank's random generators, as tensors/tuples that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                       "has_gauss": has_gauss, "cached_gaussian": cached}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rng_file(path: str, rank: int) -> str:
+    return os.path.join(path, "rng", f"rank_{rank:05d}.pt")
+
+
+# --- saving ------------------------------------------------------------------------------------------------
+def _write_json(path: str, value: dict) -> None:
+    """Write and fsync through a temporary name, so the file is either the old one or the whole new one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(value, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _manifest(path: str) -> dict:
+    """Relative path -> size of every file in the checkpoint."""
+    files = {}
+    for folder, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(folder, name)
+            files[os.path.relpath(full, path)] = os.path.getsize(full)
+    return files
+
+
+def save_checkpoint(engines, trainer_state: dict, output_dir: str, keep: int) -> str:
+    """Write a complete checkpoint of ``trainer_state["iteration"]`` and point ``latest`` at it. All ranks call it.
+
+    ``trainer_state`` is the trainer's JSON-able state (see ``PPOTrainer.state_dict``). Keeps the newest
+    ``keep`` complete checkpoints. An error while writing (e.g. a full disk) propagates: the partly written
+    ``.tmp`` directory is never renamed, so ``latest`` still names the previous, intact checkpoint.
+    """
+    root = checkpoints_root(output_dir)
+    final = os.path.join(root, checkpoint_name(trainer_state["iteration"]))
+    try:
+        return _save(engines, trainer_state, root, final, keep)
+    except OSError as err:  # e.g. ENOSPC: the .tmp directory is never renamed, latest is untouched
+        raise CheckpointError(f"saving checkpoint {final} failed: {err}; {os.path.join(root, LATEST)} still names "
+                              "the last complete checkpoint: free space and resume with --resume auto") from err
+
+
+def _save(engines, trainer_state: dict, root: str, final: str, keep: int) -> str:
+    tmp = final + ".tmp"
+    if is_main_process():
+        os.makedirs(root, exist_ok=True)
+        for stale in (n for n in os.listdir(root) if n.endswith(".tmp")):  # left by a killed save
+            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "rng"))
+    barrier()
+    for role in TRAINED_ROLES:
+        getattr(engines, role).save_checkpoint(os.path.join(tmp, role), tag=TAG, save_latest=False)
+    torch.save(rng_state(), _rng_file(tmp, get_rank()))
+    barrier()  # every rank's shards and RNG file are on disk
+    if is_main_process():
+        engines.actor.module.config.save_pretrained(os.path.join(tmp, "policy_meta"))
+        engines.policy_tokenizer.save_pretrained(os.path.join(tmp, "policy_meta"))
+        engines.critic.module.backbone.config.save_pretrained(os.path.join(tmp, "critic_meta"))
+        _write_json(os.path.join(tmp, STATE_FILE), {**trainer_state, "world_size": get_world_size()})
+        _write_json(os.path.join(tmp, MANIFEST_FILE), _manifest(tmp))
+        if os.path.exists(final):  # the same iteration saved again (e.g. a signal right after a save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        with open(os.path.join(root, LATEST + ".tmp"), "w") as fh:
+            fh.write(os.path.basename(final))
+        os.replace(os.path.join(root, LATEST + ".tmp"), os.path.join(root, LATEST))
+        for old in complete_checkpoints(os.path.dirname(root))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+# --- finding and checking ----------------------------------------------------------------------------------
+def verify_checkpoint(path: str) -> dict:
+    """Check that every file the manifest lists is present with its size; return the trainer state.
+
+    Raises CheckpointError naming the first missing or truncated file (e.g. a lost rank shard).
+    """
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} does not exist: pass a directory like "
+                              f"OUTPUT_DIR/{CHECKPOINTS}/iter_0000020, or --resume auto")
+    manifest_file = os.path.join(path, MANIFEST_FILE)
+    if not os.path.isfile(manifest_file):
+        raise CheckpointError(f"{manifest_file} is missing: {path} is not a complete rlhf-ds checkpoint "
+                              "(a save that did not finish); resume from an older one")
+    try:
+        with open(manifest_file) as fh:
+            manifest = json.load(fh)
+        with open(os.path.join(path, STATE_FILE)) as fh:
+            state = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({err}); resume from an older one") from err
+    for rel, size in manifest.items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            raise CheckpointError(f"checkpoint file {full} is missing (checkpoint {path} is incomplete); "
+                                  "restore it or resume from an older checkpoint")
+        if os.path.getsize(full) != size:
+            raise CheckpointError(f"checkpoint file {full} has {os.path.getsize(full)} bytes, expected {size} "
+                                  "(truncated or corrupt); restore it or resume from an older checkpoint")
+    return state
+
+
+def find_checkpoint(resume: str, output_dir: str) -> Optional[str]:
+    """The checkpoint ``--resume`` names: 'auto' -> the one ``latest`` names in output_dir (None when the run has
+    never saved: a fresh start); a path -> that checkpoint, or a run/checkpoints directory's latest."""
+    if resume == "auto":
+        root = checkpoints_root(output_dir)
+        if not os.path.exists(os.path.join(root, LATEST)):
+            if complete_checkpoints(output_dir):
+                raise CheckpointError(f"{os.path.join(root, LATEST)} is missing although {root} holds checkpoints: "
+                                      "pass one with --resume PATH")
+            return None
+        return _read_latest(root)
+    if not os.path.exists(resume):
+        raise CheckpointError(f"checkpoint path {resume} does not exist: pass a checkpoint directory "
+                              f"(OUTPUT_DIR/{CHECKPOINTS}/iter_N), a run directory, or (for --resume) auto")
+    for root in (resume, checkpoints_root(resume)):
+        if os.path.isfile(os.path.join(root, LATEST)):
+            return _read_latest(root)
+    return resume
+
+
+def _read_latest(root: str) -> str:
+    with open(os.path.join(root, LATEST)) as fh:
+        name = fh.read().strip()
+    path = os.path.join(root, name)
+    if not _NAME.match(name) or not os.path.isdir(path):
+        raise CheckpointError(f"{os.path.join(root, LATEST)} names {name!r}, which does not exist: "
+                              "pass an existing checkpoint with --resume PATH")
+    return path
+
+
+def check_resume_config(state: dict, config: PPOConfig, world_size: int) -> list[str]:
+    """Refuse (ConfigError) a resume whose config or world size differs in a way that breaks exactness, unless
+    ``config.force_resume``; returns the differences (empty when exact)."""
+    saved = state["config"]
+    current = dataclasses.asdict(config)
+    changed = [f"{k}={saved.get(k)!r}->{current[k]!r}" for k in current
+               if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+    if state["world_size"] != world_size:
+        changed.append(f"world_size={state['world_size']}->{world_size}")
+    if changed and not config.force_resume:
+        raise ConfigError(f"resume: this run changes {', '.join(changed)} against the checkpoint, which breaks "
+                          "exact resumption; use the checkpoint's values or pass --force_resume true")
+    return changed
+
+
+# --- loading -----------------------------------------------------------------------------------------------
+def load_checkpoint(engines, path: str) -> dict:
+    """Restore both training engines and this rank's RNG from a verified checkpoint; returns the trainer state."""
+    state = verify_checkpoint(path)
+    for role in TRAINED_ROLES:
+        try:
+            loaded, _ = getattr(engines, role).load_checkpoint(os.path.join(path, role), tag=TAG,
+                                                               load_optimizer_states=True,
+                                                               load_lr_scheduler_states=True)
+        except Exception as err:  # DeepSpeed raises many kinds; the user needs the checkpoint and the cause
+            raise CheckpointError(f"loading {os.path.join(path, role)} failed: {type(err).__name__}: {err}") from err
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed found no {role} checkpoint in {os.path.join(path, role)}")
+    rng_file = _rng_file(path, get_rank())
+    if os.path.isfile(rng_file):  # absent only for a forced resume on more ranks
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+# --- Hugging Face exports ----------------------------------------------------------------------------------
 def _replace_dir(tmp: str, final: str) -> None:
     """Move ``tmp`` to ``final``, keeping the old ``final`` until the new one is in place."""
     old = final + ".old"
@@ -27,22 +269,76 @@ def _replace_dir(tmp: str, final: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _save_causal_lm(model, state: dict, tokenizer, out_dir: str) -> None:
+    """``save_pretrained`` (safetensors) + tokenizer into ``out_dir`` atomically, with the KV cache turned on."""
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    training_cache, model.config.use_cache = model.config.use_cache, True  # off only for training forwards
+    try:
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    finally:
+        model.config.use_cache = training_cache
+    tokenizer.save_pretrained(tmp)
+    _replace_dir(tmp, out_dir)
+
+
 def export_model(engine, tokenizer, out_dir: str) -> None:
     """Save ``engine``'s model (an HF ``PreTrainedModel``) and ``tokenizer`` to ``out_dir``. All ranks call it."""
     params = list(engine.module.parameters())
     gathered = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
                 if engine.zero_optimization_partition_weights() else contextlib.nullcontext())
-    tmp = out_dir + ".tmp"
     with gathered:  # every rank takes part: under ZeRO-3 reading the full weights is a collective
-        model = engine.module
-        state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+        state = {name: tensor.detach().cpu().clone() for name, tensor in engine.module.state_dict().items()}
     if is_main_process():
-        shutil.rmtree(tmp, ignore_errors=True)
-        training_cache, model.config.use_cache = model.config.use_cache, True  # off only for training
-        try:
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        finally:
-            model.config.use_cache = training_cache
-        tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, out_dir)
+        _save_causal_lm(engine.module, state, tokenizer, out_dir)
     barrier()
+
+
+def consolidated_state_dict(path: str, role: str) -> dict:
+    """The full fp32 state dict of ``role`` ('actor' or 'critic') in checkpoint ``path``, any ZeRO stage."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    role_dir = os.path.join(path, role)
+    if any(name.startswith("zero_pp_rank_") for name in os.listdir(os.path.join(role_dir, TAG))):
+        return get_fp32_state_dict_from_zero_checkpoint(role_dir, tag=TAG)
+    # ZeRO-0 keeps the whole module in the model-states file.
+    states = torch.load(os.path.join(role_dir, TAG, "mp_rank_00_model_states.pt"), weights_only=True,
+                        map_location="cpu")
+    return {name: tensor.float() for name, tensor in states["module"].items()}
+
+
+def export_checkpoint(path: str, out_dir: str, critic_out: Optional[str] = None) -> str:
+    """Write checkpoint ``path``'s actor (fp32 master weights) as an HF directory at ``out_dir`` and, when
+    ``critic_out`` is given, the critic (backbone + ``value_head.safetensors``) there. Single process, no
+    DeepSpeed engines; returns ``out_dir``."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from rlhf_ds.models import CriticModel, load_saved_tokenizer, save_critic
+
+    verify_checkpoint(path)
+    meta = os.path.join(path, "policy_meta")
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(meta), dtype=torch.float32)
+    state = consolidated_state_dict(path, "actor")
+    _load_full_state(model, state, path)
+    _save_causal_lm(model, state, load_saved_tokenizer(meta, trust_remote_code=False), out_dir)
+    if critic_out is not None:
+        backbone = AutoModel.from_config(AutoConfig.from_pretrained(os.path.join(path, "critic_meta")),
+                                         dtype=torch.float32)
+        critic = CriticModel(backbone)
+        critic_state = consolidated_state_dict(path, "critic")
+        _load_full_state(critic, critic_state, path)
+        tmp = critic_out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_critic(critic, tmp, critic_state)
+        _replace_dir(tmp, critic_out)
+    return out_dir
+
+
+def _load_full_state(model: torch.nn.Module, state: dict, path: str) -> None:
+    """Load ``state`` into ``model``; only tied weights (Qwen2's lm_head = embeddings) may be absent."""
+    tied = {name for name, param in model.named_parameters(remove_duplicate=False)} - set(
+        dict(model.named_parameters()))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match its saved model config (missing "
+                              f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")

@@ -7,13 +7,14 @@ all-reduced, so every rank holds the same ``kl_coef`` at every iteration.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import time
+
 import torch
 
 from rlhf_ds import ppo
-from rlhf_ds.checkpoint import export_model
+from rlhf_ds.checkpoint import export_model, load_checkpoint, save_checkpoint
 from rlhf_ds.config import PPOConfig
 from rlhf_ds.data import PromptCollator, PromptLoader
 from rlhf_ds.distributed import (all_reduce_mean, all_reduce_sum, get_rank, get_world_size, global_masked_mean,
@@ -23,6 +24,8 @@ from rlhf_ds.experience import Experience, ExperienceMaker, response_logits, res
 from rlhf_ds.hybrid import HybridEngine
 from rlhf_ds.kl_control import make_kl_controller
 from rlhf_ds.reward import RunningMoments
+from rlhf_ds.signals import StopSignals
+from rlhf_ds.tracking import RunLogger
 
 
 class TrainingError(RuntimeError):
@@ -66,6 +69,7 @@ class PPOTrainer:
         self.kl_controller = make_kl_controller(config)
         self.score_moments = RunningMoments()
         self.iteration = 0
+        self.stopped_by: str | None = None  # the signal that ended train() early
         self.skipped_batches = 0
         self.consecutive_skips = 0
 
@@ -195,30 +199,59 @@ class PPOTrainer:
         return {"iteration": self.iteration, "skipped_batches": self.skipped_batches, "skip_reason": reason,
                 "kl_coef": self.kl_controller.value, **timer.seconds}
 
+    # --- state for checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything besides the engines and RNG that the next iteration depends on (JSON-able, rank-independent)."""
+        return {"iteration": self.iteration, "kl_controller": self.kl_controller.state_dict(),
+                "data": self.loader.state_dict(), "score_moments": self.score_moments.state_dict(),
+                "skipped_batches": self.skipped_batches, "consecutive_skips": self.consecutive_skips,
+                "config": dataclasses.asdict(self.config)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = state["iteration"]
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.loader.load_state_dict(state["data"])
+        self.score_moments.load_state_dict(state["score_moments"])
+        self.skipped_batches, self.consecutive_skips = state["skipped_batches"], state["consecutive_skips"]
+
+    def save_checkpoint(self) -> str:
+        """A resumable checkpoint of the current iteration (all ranks call it); returns its path."""
+        path = save_checkpoint(self.engines, self.state_dict(), self.config.output_dir, self.config.keep_checkpoints)
+        if is_main_process():
+            print(f"checkpoint saved to {path} (iteration {self.iteration})", flush=True)
+        return path
+
+    def resume(self, path: str) -> None:
+        """Continue from checkpoint ``path``: engines, RNG, controller, data position, counters."""
+        state = load_checkpoint(self.engines, path)
+        self.load_state_dict(state)
+        if is_main_process():
+            print(f"resumed from {path} at iteration {self.iteration}", flush=True)
+
     # --- the loop -------------------------------------------------------------------------------------------
     def train(self) -> list[dict]:
-        """Run ``config.iterations`` iterations; rank 0 appends each iteration's metrics to metrics.jsonl.
+        """Run iterations until ``config.iterations`` (continuing from a resumed iteration); returns their metrics.
 
-        The policy is exported to ``output_dir/policy`` every ``save_interval`` iterations and at the end.
+        Checkpoints every ``save_interval`` iterations and at the end; exports the policy to
+        ``output_dir/policy`` at the end. SIGTERM (what SLURM sends before preemption) or SIGINT finishes the
+        current iteration, saves a checkpoint and returns early with ``self.stopped_by`` set to the signal name.
         """
         cfg = self.config
         history = []
         batches = iter(self.loader)
-        metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        if is_main_process():
-            os.makedirs(cfg.output_dir, exist_ok=True)
-            open(metrics_path, "w").close()  # a new run starts a new log
-        while self.iteration < cfg.iterations:
-            metrics = self.step(next(batches))
-            history.append(metrics)
-            if is_main_process():
-                with open(metrics_path, "a") as fh:
-                    fh.write(json.dumps(metrics) + "\n")
-                if self.iteration % cfg.log_interval == 0 or self.iteration == cfg.iterations - 1:
-                    print(format_metrics(metrics), flush=True)
-            self.iteration += 1
-            if self.iteration == cfg.iterations or (cfg.save_interval and self.iteration % cfg.save_interval == 0):
-                self.save_policy()
+        with RunLogger(cfg, self.iteration, enabled=is_main_process()) as logger, StopSignals() as signals:
+            while self.iteration < cfg.iterations:
+                metrics = self.step(next(batches))
+                history.append(metrics)
+                logger.log(metrics)
+                self.iteration += 1
+                self.stopped_by = signals.received(self.device)
+                if self.stopped_by or self.iteration == cfg.iterations or (
+                        cfg.save_interval and self.iteration % cfg.save_interval == 0):
+                    self.save_checkpoint()
+                if self.stopped_by:
+                    return history
+        self.save_policy()
         return history
 
     def save_policy(self) -> str:
@@ -229,13 +262,3 @@ class PPOTrainer:
             print(f"policy saved to {path} (iteration {self.iteration})", flush=True)
         return path
 
-
-def format_metrics(metrics: dict) -> str:
-    """One console line per iteration: the numbers a user watches."""
-    if "skip_reason" in metrics:
-        return f"iter {metrics['iteration']:4d} skipped ({metrics['skip_reason']}), total {metrics['skipped_batches']}"
-    return (f"iter {metrics['iteration']:4d}  score {metrics['score_mean']:+.3f}  reward {metrics['reward_mean']:+.3f}"
-            f"  kl {metrics['kl_divergence']:.4f}  kl_coef {metrics['kl_coef']:.4f}"
-            f"  policy {metrics['policy_loss']:+.4f}  value {metrics['value_loss']:.4f}"
-            f"  entropy {metrics['entropy']:.3f}  len {metrics['response_length']:.1f}"
-            f"  {metrics['tokens_per_s']:.0f} tok/s")

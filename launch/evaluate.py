@@ -1,0 +1,96 @@
+"""Evaluate a policy against a reference on held-out prompts (one process, CPU or one GPU, no DeepSpeed).
+
+    python launch/evaluate.py [--policy DIR] [--reference DIR] [--reward DIR] [--num_prompts 64]
+                              [--batch_size 16] [--seed 0] [--samples FILE.jsonl] [--json FILE]
+                              [--device auto|cpu|cuda] [--config FILE] [--field value ...]
+
+--policy: a Hugging Face model directory (the trainer's OUTPUT_DIR/policy, an SFT model) or a training
+checkpoint directory (converted first); default: the config's policy_model, i.e. the initial policy, so with no
+arguments this is the SFT policy against itself (a sanity check: win rate 0.5, KL 0). --reference and --reward
+default to the config's policy_model and reward_model. Prompts are the config's dataset, split eval_split; the
+generation settings (max_prompt_len, max_new_tokens, temperature, top_k, top_p, reward_max_len) come from the
+config and its --field overrides. Writes OUTPUT_DIR/eval/samples.jsonl and OUTPUT_DIR/eval/summary.json by
+default. A bad input is one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rlhf_ds.config import ConfigError, PPOConfig  # noqa: E402
+from rlhf_ds.data import DataError  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, PPOConfig]:
+    """The evaluation's own options, and a PPOConfig from ``--config FILE`` and the remaining ``--field value``."""
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy", help="model directory or training checkpoint (default: the initial policy)")
+    parser.add_argument("--reference", help="reference model (default: the config's policy_model)")
+    parser.add_argument("--reward", help="reward model (default: the config's reward_model)")
+    parser.add_argument("--num_prompts", type=int, default=64, help="first N prompts of the eval split")
+    parser.add_argument("--batch_size", type=int, default=16, help="prompts per generation batch")
+    parser.add_argument("--seed", type=int, default=0, help="batch i is sampled from seed + i by both models")
+    parser.add_argument("--samples", help="per-prompt JSON lines (default OUTPUT_DIR/eval/samples.jsonl)")
+    parser.add_argument("--json", help="summary JSON (default OUTPUT_DIR/eval/summary.json)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    args, rest = parser.parse_known_args(argv)
+    return args, PPOConfig.from_args(rest)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args, config = parse_args(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from rlhf_ds.embedded import EmbeddedCacheError, resolve_model_paths
+    from rlhf_ds.evaluation import EvaluationError, check_model_path, evaluate_policy, format_summary, write_outputs
+
+    out_dir = os.path.join(config.output_dir, "eval")
+    samples_path = args.samples or os.path.join(out_dir, "samples.jsonl")
+    json_path = args.json or os.path.join(out_dir, "summary.json")
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                              else args.device)
+    except RuntimeError:
+        print(f"error: --device {args.device!r} is not a device: use auto, cpu, cuda or cuda:N", file=sys.stderr)
+        return 2
+    try:
+        for path, what in ((args.policy, "--policy"), (args.reference, "--reference"), (args.reward, "--reward")):
+            if path is not None:  # a mistyped path fails here, before the embedded models are built
+                check_model_path(path, what)
+        defaults = (resolve_model_paths(config) if None in (args.policy, args.reference, args.reward)
+                    else (None, None, None))
+        policy = args.policy or defaults[0]
+        reference = args.reference or defaults[0]
+        reward = args.reward or defaults[2]
+        print(f"policy {policy}\nreference {reference}\nreward {reward}\ndevice {device}", flush=True)
+        if os.path.abspath(os.path.expanduser(policy)) == os.path.abspath(os.path.expanduser(reference)):
+            print("note: policy and reference are the same model (pass --policy runs/ppo/policy to evaluate "
+                  "a trained one)", flush=True)
+        records, summary = evaluate_policy(config, policy, reference, reward, args.num_prompts, args.batch_size,
+                                           args.seed, device, log=lambda line: print(line, flush=True))
+        summary["settings"] = {
+            "policy": policy, "reference": reference, "reward": reward, "dataset": config.dataset,
+            "eval_split": config.eval_split, "seed": args.seed, "batch_size": args.batch_size,
+            **{k: getattr(config, k) for k in ("max_prompt_len", "max_new_tokens", "temperature", "top_k",
+                                                "top_p", "reward_max_len")},
+        }
+        write_outputs(records, summary, samples_path, json_path)
+    except (ConfigError, DataError, EvaluationError, EmbeddedCacheError, OSError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    print(f"wrote {samples_path} and {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

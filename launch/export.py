@@ -1,0 +1,38 @@
+"""Export a training checkpoint as Hugging Face model directories (safetensors + tokenizer).
+
+    python launch/export.py CHECKPOINT OUT [--critic CRITIC_OUT]
+
+CHECKPOINT is a checkpoint directory (OUTPUT_DIR/checkpoints/iter_N) or a run directory (its latest
+checkpoint). OUT loads with ``AutoModelForCausalLM.from_pretrained`` and ``pipeline("text-generation")``;
+CRITIC_OUT holds the critic backbone plus ``value_head.safetensors`` (``rlhf_ds.models.load_critic``). Runs in one
+process without DeepSpeed engines, whatever ZeRO stage trained the checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rlhf_ds.checkpoint import CheckpointError, export_checkpoint, find_checkpoint  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="OUTPUT_DIR/checkpoints/iter_N, or a run directory")
+    parser.add_argument("out", help="directory for the policy (Hugging Face format)")
+    parser.add_argument("--critic", help="also export the critic (backbone + value head) here")
+    args = parser.parse_args(argv)
+    try:
+        path = find_checkpoint(args.checkpoint, args.checkpoint)
+        export_checkpoint(path, args.out, critic_out=args.critic)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {path} -> policy {args.out}" + (f", critic {args.critic}" if args.critic else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

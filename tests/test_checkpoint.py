@@ -1,0 +1,238 @@
+"""Checkpoints: exact resume on 2 real ranks, survival of SIGKILL (mid-run and mid-save), SIGTERM, a full disk,
+and one-line errors for missing or corrupt checkpoints; HF export from a checkpoint.
+
+Every 2-rank run goes through launch/train.py (tests/dist/run_cli.py adds sample hashing and fault injection)
+with the same small configuration, and is compared with one straight run of it: metrics at every iteration,
+the hash of every rollout's sampled tokens on every rank, and the final policy weights.
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf_ds.checkpoint import (CheckpointError, check_resume_config, checkpoint_name,
+                                find_checkpoint, rng_state, set_rng_state, verify_checkpoint)
+from rlhf_ds.config import ConfigError, PPOConfig
+from test_distributed import LAUNCH_TIMEOUT_S, RANKS, REPO, _free_port, _prebuild_deepspeed_ops
+
+ITERATIONS = 4
+RUN_ARGS = ["--iterations", str(ITERATIONS), "--save_interval", "2", "--rollout_batch_size", "4",
+            "--mini_batch_size", "2", "--max_new_tokens", "8", "--tensorboard", "false"]
+RUN_CLI = REPO / "tests" / "dist" / "run_cli.py"
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < RANKS,
+                                reason=f"the launcher would start {RANKS} ranks on one GPU")
+
+
+def start(output_dir: Path, fault: str = "none", *extra: str) -> subprocess.Popen:
+    """Start launch/train.py on RANKS ranks (deepspeed launcher) in its own process group."""
+    _prebuild_deepspeed_ops()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(RANKS), "--no_local_rank",
+           "--master_port", str(_free_port()), str(RUN_CLI), fault, *RUN_ARGS, "--output_dir", str(output_dir),
+           *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def run(output_dir: Path, fault: str = "none", *extra: str) -> tuple[int, str]:
+    proc = start(output_dir, fault, *extra)
+    out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    return proc.returncode, out
+
+
+def wait_for_lines(path: Path, count: int, proc: subprocess.Popen) -> None:
+    deadline = time.time() + LAUNCH_TIMEOUT_S
+    while not (path.exists() and len(path.read_text().splitlines()) >= count):
+        assert proc.poll() is None, f"run ended before {count} iterations:\n{proc.stdout.read()[-4000:]}"
+        assert time.time() < deadline
+        time.sleep(0.2)
+
+
+def ranks_of(proc: subprocess.Popen) -> list[int]:
+    """PIDs of the rank processes (not the launcher's own two processes): what srun would signal."""
+    children = psutil.Process(proc.pid).children(recursive=True)
+    return [p.pid for p in children if str(RUN_CLI) in p.cmdline() and "deepspeed.launcher" not in " ".join(p.cmdline())]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without wall-clock fields."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in m.items() if not k.startswith("time_") and k != "tokens_per_s"} for m in lines]
+
+
+def samples(run_dir: Path) -> dict:
+    """(rank, sampling seed) -> hash of that rollout's tokens; a rerun iteration overwrites the killed one."""
+    return {(rank, json.loads(line)["seed"]): json.loads(line)["sha256"]
+            for rank in range(RANKS) for line in (run_dir / f"samples_rank{rank}.jsonl").read_text().splitlines()}
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    assert metrics(run_dir) == metrics(reference)  # bitwise: every float of every iteration
+    assert samples(run_dir) == samples(reference) and len(samples(reference)) == RANKS * ITERATIONS
+    final, expected = (load_file(d / "policy" / "model.safetensors") for d in (run_dir, reference))
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The reference: ITERATIONS iterations without interruption (checkpoints at 2 and 4)."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    rc, out = run(run_dir)
+    assert rc == 0, out[-6000:]
+    return run_dir
+
+
+# --- exactness and kills (real 2-rank runs) -------------------------------------------------------------
+def test_straight_run_keeps_complete_checkpoints_and_latest(straight):
+    root = straight / "checkpoints"
+    assert (root / "latest").read_text() == checkpoint_name(ITERATIONS)
+    assert sorted(p.name for p in root.iterdir()) == [checkpoint_name(2), checkpoint_name(4), "latest"]
+    state = verify_checkpoint(str(root / checkpoint_name(2)))
+    assert state["iteration"] == 2 and state["world_size"] == RANKS and state["data"]["index"] == 2
+    shards = {p.name for p in (root / checkpoint_name(2) / "actor" / "state").iterdir()}
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(RANKS)} <= shards
+    assert {p.name for p in (root / checkpoint_name(2) / "rng").iterdir()} == {"rank_00000.pt", "rank_00001.pt"}
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint_and_resume_is_exact(straight, tmp_path):
+    rc, out = run(tmp_path, "kill@2")  # killed while writing the iteration-4 checkpoint
+    assert rc != 0, out[-3000:]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == checkpoint_name(2)
+    assert not (tmp_path / "checkpoints" / checkpoint_name(4)).exists()
+    rc, out = run(tmp_path, "none", "--resume", "auto")
+    assert rc == 0, out[-6000:]
+    assert f"resumed from {tmp_path / 'checkpoints' / checkpoint_name(2)} at iteration 2" in out
+    assert_same_run(tmp_path, straight)
+
+
+def test_sigkill_mid_run_then_resume_is_exact(straight, tmp_path):
+    proc = start(tmp_path)
+    wait_for_lines(tmp_path / "metrics.jsonl", 3, proc)  # iteration 2 logged: checkpoint 2 is complete
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    rc, out = run(tmp_path, "none", "--resume", "auto")
+    assert rc == 0, out[-6000:]
+    assert_same_run(tmp_path, straight)
+
+
+def test_sigterm_saves_exits_zero_and_resumes_exactly(straight, tmp_path):
+    proc = start(tmp_path)
+    wait_for_lines(tmp_path / "metrics.jsonl", 1, proc)
+    for pid in ranks_of(proc):  # as srun does: every task gets SIGTERM
+        os.kill(pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 0, out[-6000:]
+    assert "SIGTERM received: stopped after iteration" in out and "--resume auto" in out
+    stopped_at = verify_checkpoint(find_checkpoint("auto", str(tmp_path)))["iteration"]
+    assert 1 <= stopped_at < ITERATIONS and not (tmp_path / "policy").exists()
+    rc, out = run(tmp_path, "none", "--resume", "auto")
+    assert rc == 0, out[-6000:]
+    assert_same_run(tmp_path, straight)
+
+
+def test_full_disk_during_save_is_an_error_and_keeps_previous_checkpoint(tmp_path):
+    rc, out = run(tmp_path, "enospc@2")
+    assert rc != 0
+    assert f"saving checkpoint {tmp_path / 'checkpoints' / checkpoint_name(4)} failed: [Errno 28] No space" in out
+    assert (tmp_path / "checkpoints" / "latest").read_text() == checkpoint_name(2)
+    assert verify_checkpoint(str(tmp_path / "checkpoints" / checkpoint_name(2)))["iteration"] == 2
+
+
+# --- bad checkpoints and configs ------------------------------------------------------------------------
+@pytest.fixture
+def damaged(straight, tmp_path) -> Path:
+    """A copy of the straight run's iteration-2 checkpoint, to break."""
+    path = tmp_path / "checkpoints" / checkpoint_name(2)
+    shutil.copytree(straight / "checkpoints" / checkpoint_name(2), path)
+    return path
+
+
+def test_truncated_file_is_named(damaged):
+    shard = damaged / "critic" / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{shard} has 100 bytes, expected .*truncated"):
+        verify_checkpoint(str(damaged))
+
+
+def test_missing_rank_shard_is_named_by_the_cli(damaged, tmp_path):
+    shard = damaged / "actor" / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.unlink()
+    proc = subprocess.run([sys.executable, "launch/train.py", *RUN_ARGS, "--output_dir", str(tmp_path),
+                           "--resume", str(damaged)], cwd=REPO, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: checkpoint file {shard} is missing (checkpoint {damaged} is incomplete); restore it or resume "
+        "from an older checkpoint")
+
+
+def test_unfinished_save_and_bad_paths_are_errors(damaged, tmp_path):
+    (damaged / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="is not a complete rlhf-ds checkpoint"):
+        verify_checkpoint(str(damaged))
+    with pytest.raises(CheckpointError, match="nowhere does not exist"):
+        find_checkpoint(str(tmp_path / "nowhere"), str(tmp_path))
+    (tmp_path / "checkpoints" / "latest").write_text(checkpoint_name(8))
+    with pytest.raises(CheckpointError, match="names 'iter_0000008', which does not exist"):
+        find_checkpoint("auto", str(tmp_path))
+    assert find_checkpoint("auto", str(tmp_path / "fresh")) is None  # a first run under --resume auto
+
+
+def test_resume_refuses_config_changes_that_break_exactness(straight):
+    state = verify_checkpoint(str(straight / "checkpoints" / checkpoint_name(2)))
+    same = PPOConfig.from_dict(state["config"])
+    assert check_resume_config(state, PPOConfig.from_dict({**state["config"], "iterations": 10}), RANKS) == []
+    with pytest.raises(ConfigError, match=r"changes rollout_batch_size=4->8 .*--force_resume true"):
+        check_resume_config(state, PPOConfig.from_dict({**state["config"], "rollout_batch_size": 8}), RANKS)
+    with pytest.raises(ConfigError, match="world_size=2->1"):
+        check_resume_config(state, same, 1)
+    forced = PPOConfig.from_dict({**state["config"], "actor_lr": 1e-5, "force_resume": True})
+    assert check_resume_config(state, forced, RANKS) == ["actor_lr=0.0001->1e-05"]
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    def draw():
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = draw()
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert draw() == expected
+
+
+# --- export from a checkpoint ---------------------------------------------------------------------------
+def test_export_cli_matches_the_trained_policy_and_critic(straight, tmp_path):
+    from transformers import AutoModelForCausalLM, pipeline
+
+    from rlhf_ds.models import load_critic
+
+    ckpt = straight / "checkpoints" / checkpoint_name(ITERATIONS)
+    proc = subprocess.run([sys.executable, "launch/export.py", str(ckpt), str(tmp_path / "policy"),
+                           "--critic", str(tmp_path / "critic")], cwd=REPO, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    trained = AutoModelForCausalLM.from_pretrained(straight / "policy")  # exported live from the engine
+    ids = torch.randint(0, exported.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, trained(ids).logits)
+    text = pipeline("text-generation", model=str(tmp_path / "policy"))("\n\nHuman: hi\n\nAssistant:",
+                                                                        max_new_tokens=4)
+    assert text[0]["generated_text"].startswith("\n\nHuman: hi")
+    critic = load_critic(str(tmp_path / "critic"), torch.float32)
+    assert critic.value_head.weight.abs().sum() > 0  # trained away from its zero init
+    bad = subprocess.run([sys.executable, "launch/export.py", str(tmp_path / "nowhere"), str(tmp_path / "x")],
+                         cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr

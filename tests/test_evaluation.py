@@ -1,0 +1,206 @@
+"""rlhf_ds.evaluation and launch/evaluate.py on the embedded default (8 held-out prompts, 8 new tokens) and on
+tiny random Qwen2 models: a model against itself, the KL against a per-sequence loop, the JSONL against the
+summary, a perturbed policy, and bad inputs."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rlhf_ds.config import PPOConfig
+from rlhf_ds.data import load_prompts
+from rlhf_ds.embedded import resolve_model_paths
+from rlhf_ds.evaluation import (evaluate, evaluate_policy, load_models, sample_responses, sequence_kl, summarize,
+                                use_sampling_settings)
+from rlhf_ds.models import load_tokenizer, tiny_qwen2_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_PROMPTS, NEW_TOKENS, BATCH = 8, 8, 4
+
+
+def _launcher():
+    spec = importlib.util.spec_from_file_location("evaluate_cli", os.path.join(ROOT, "launch", "evaluate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models are tiny: on a few shared cores, torch's default thread pool only adds contention (measured:
+    10x slower evaluation on this project's 2-core machine under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def paths():
+    policy, _, reward = resolve_model_paths(PPOConfig())  # builds the embedded default once, else a no-op
+    return policy, reward
+
+
+@pytest.fixture(scope="module")
+def perturbed_policy(paths, tmp_path_factory):
+    """The SFT policy with Gaussian noise (30% of each tensor's std) on every weight, saved as an HF dir."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(paths[0], dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            scale = 0.3 * param.std() if param.numel() > 1 else 0.0
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+    out = str(tmp_path_factory.mktemp("perturbed") / "policy")
+    model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(paths[0]).save_pretrained(out)
+    return out
+
+
+def _config(**overrides):
+    return PPOConfig(max_new_tokens=NEW_TOKENS, **overrides)
+
+
+def test_policy_against_itself_gives_identical_samples_win_rate_half_and_zero_kl(paths):
+    policy_path, reward_path = paths
+    models = load_models(policy_path, policy_path, reward_path, torch.device("cpu"))  # two separate copies
+    assert models["policy"] is not models["reference"]
+    prompts, _ = load_prompts("embedded", "test", NUM_PROMPTS)
+    rng_before = torch.get_rng_state()
+    records = evaluate(**models, prompts=prompts, max_prompt_len=128, max_new_tokens=NEW_TOKENS,
+                       batch_size=BATCH, seed=0)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # seeded sampling leaves the global RNG alone
+    summary = summarize(records)
+    assert summary["num_prompts"] == NUM_PROMPTS
+    assert summary["win_rate"] == 0.5
+    assert summary["kl_mean"] == 0.0 and summary["kl_per_token"] == 0.0
+    assert all(r["kl"] == 0.0 for r in records)
+    for r in records:
+        assert r["policy_response"] == r["reference_response"] and r["policy_score"] == r["reference_score"]
+    assert summary["policy_reward_mean"] == summary["reference_reward_mean"]
+    assert any(r["policy_response"] for r in records)
+    assert 1 <= summary["policy_response_length"] <= NEW_TOKENS
+
+    # The agreement comes from the shared seed, not from deterministic decoding: another seed samples other text.
+    tokenizer = models["policy_tokenizer"]
+    use_sampling_settings(models["policy"], tokenizer, NEW_TOKENS, 1.0, 0, 1.0)
+    batch = tokenizer(prompts[:BATCH], add_special_tokens=False, padding=True, return_tensors="pt")
+    samples = [sample_responses(models["policy"], batch["input_ids"], batch["attention_mask"], seed, NEW_TOKENS,
+                                tokenizer.pad_token_id, tokenizer.eos_token_id)[0] for seed in (0, 0, 1)]
+    assert torch.equal(samples[0], samples[1]) and not torch.equal(samples[0], samples[2])
+
+
+def _tiny_qwen2(seed):
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_qwen2_config(vocab_size=40, bos_token_id=1, eos_token_id=1, pad_token_id=1, hidden_size=32,
+                               num_layers=2, num_heads=4, num_kv_heads=2)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_sequence_kl_equals_a_per_sequence_loop_over_unpadded_rows():
+    eos, temperature = 1, 0.7
+    policy, reference = _tiny_qwen2(1), _tiny_qwen2(2)
+    generator = torch.Generator().manual_seed(3)
+    prompt_lens, prompt_width, response_len = [3, 5, 2, 4], 5, 6
+    valid = [6, 3, 1, 4]  # tokens up to and including the first EOS; row 0 has no EOS
+    prompt_ids = torch.full((4, prompt_width), eos)
+    prompt_mask = torch.zeros(4, prompt_width, dtype=torch.long)
+    response = torch.randint(2, 40, (4, response_len), generator=generator)
+    for row, (n_prompt, n_valid) in enumerate(zip(prompt_lens, valid)):
+        prompt_ids[row, prompt_width - n_prompt:] = torch.randint(2, 40, (n_prompt,), generator=generator)
+        prompt_mask[row, prompt_width - n_prompt:] = 1
+        if n_valid < response_len or row == 3:
+            response[row, n_valid - 1] = eos
+    from rlhf_ds.hybrid import response_mask_from_tokens
+
+    response_mask = response_mask_from_tokens(response, eos)
+    assert response_mask.sum(1).tolist() == valid
+    sequences = torch.cat([prompt_ids, response], dim=1)
+    batched = sequence_kl(policy, reference, sequences, prompt_mask, response_mask, temperature)
+
+    expected = []
+    with torch.no_grad():
+        for row, (n_prompt, n_valid) in enumerate(zip(prompt_lens, valid)):
+            ids = torch.cat([prompt_ids[row, prompt_width - n_prompt:], response[row, :n_valid]])[None]
+            total = 0.0
+            for t in range(n_valid):
+                token = ids[0, n_prompt + t]
+                logp = torch.log_softmax(policy(ids).logits[0, n_prompt - 1 + t].double() / temperature, -1)
+                ref_logp = torch.log_softmax(reference(ids).logits[0, n_prompt - 1 + t].double() / temperature, -1)
+                total += (logp[token] - ref_logp[token]).item()
+            expected.append(total)
+    assert batched.dtype == torch.float32 and batched.shape == (4,)
+    assert torch.allclose(batched.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5)
+    assert batched.abs().min() > 1e-3  # different random models: a real, non-zero KL in every row
+
+    # Tokens after the first EOS do not count, and a model against itself has exactly zero KL.
+    scrambled = sequences.clone()
+    scrambled[1, prompt_width + 3:] = torch.randint(2, 40, (response_len - 3,), generator=generator)
+    assert torch.allclose(sequence_kl(policy, reference, scrambled, prompt_mask, response_mask, temperature), batched)
+    assert torch.equal(sequence_kl(policy, policy, sequences, prompt_mask, response_mask, temperature),
+                       torch.zeros(4))
+
+
+def test_cli_writes_samples_whose_means_are_the_summary(paths, perturbed_policy, tmp_path, capsys):
+    samples, summary_path = tmp_path / "s.jsonl", tmp_path / "summary.json"
+    code = _launcher().main(["--policy", perturbed_policy, "--num_prompts", str(NUM_PROMPTS), "--batch_size", "3",
+                             "--max_new_tokens", str(NEW_TOKENS), "--samples", str(samples), "--json",
+                             str(summary_path), "--device", "cpu", "--output_dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "win rate" in out and "reward mean" in out
+    records = [json.loads(line) for line in samples.read_text().splitlines()]
+    summary = json.loads(summary_path.read_text())
+    assert len(records) == summary["num_prompts"] == NUM_PROMPTS
+    assert set(records[0]) >= {"prompt", "policy_response", "reference_response", "policy_score",
+                               "reference_score", "kl"}
+    mean = lambda key: sum(r[key] for r in records) / len(records)  # noqa: E731
+    assert summary["policy_reward_mean"] == pytest.approx(mean("policy_score"), abs=1e-12)
+    assert summary["reference_reward_mean"] == pytest.approx(mean("reference_score"), abs=1e-12)
+    assert summary["kl_mean"] == pytest.approx(mean("kl"), abs=1e-12)
+    assert summary["kl_per_token"] == pytest.approx(
+        sum(r["kl"] for r in records) / sum(r["policy_length"] for r in records), abs=1e-12)
+    wins = [1.0 if r["policy_score"] > r["reference_score"] else 0.5 if r["policy_score"] == r["reference_score"]
+            else 0.0 for r in records]
+    assert summary["win_rate"] == pytest.approx(sum(wins) / len(wins), abs=1e-12)
+    assert summary["policy_response_length"] == pytest.approx(mean("policy_length"), abs=1e-12)
+    assert summary["reference_eos_fraction"] == pytest.approx(mean("reference_ended"), abs=1e-12)
+    assert summary["settings"]["policy"] == perturbed_policy and summary["settings"]["max_new_tokens"] == NEW_TOKENS
+    assert len({r["reference_score"] for r in records}) > 1  # real, varied scores
+
+
+def test_a_perturbed_policy_has_positive_kl(paths, perturbed_policy):
+    policy_path, reward_path = paths
+    records, summary = evaluate_policy(_config(), perturbed_policy, policy_path, reward_path, NUM_PROMPTS,
+                                       BATCH, 0, torch.device("cpu"))
+    assert summary["kl_mean"] > 0.05 and summary["kl_per_token"] > 0
+    assert any(r["policy_response"] != r["reference_response"] for r in records)
+
+
+def test_cli_bad_policy_path_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "evaluate.py"), "--policy",
+                           str(tmp_path / "no_such_dir")], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --policy") and "no_such_dir" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--policy", "{empty_dir}"], "no config.json"),
+    (["--num_prompts", "0"], "--num_prompts 0"),
+    (["--dataset", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
+    (["--temperature", "0"], "temperature=0.0 is invalid"),
+])
+def test_cli_bad_inputs_are_one_line_and_exit_2(args, needle, paths, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(empty_dir=tmp_path / "empty", tmp=tmp_path) for a in args]
+    code = _launcher().main(argv + ["--device", "cpu", "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], err

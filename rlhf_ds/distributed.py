@@ -98,7 +98,8 @@ def init_distributed() -> None:
     _set_torch_threads()
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
-        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+        # srun --gpus-per-task=1 shows each task only its own GPU: the local rank is then beyond the ordinals.
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]) % accelerator.device_count())
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
     atexit.register(_leave_process_group)
 

@@ -111,10 +111,11 @@ def test_sigkill_during_save_keeps_previous_checkpoint_and_resume_is_exact(strai
     assert rc != 0, out[-3000:]
     assert (tmp_path / "checkpoints" / "latest").read_text() == checkpoint_name(2)
     assert not (tmp_path / "checkpoints" / checkpoint_name(4)).exists()
-    rc, out = run(tmp_path, "none", "--resume", "auto")
+    rc, out = run(tmp_path, "none", "--resume", "auto", "--keep_checkpoints", "1")
     assert rc == 0, out[-6000:]
     assert f"resumed from {tmp_path / 'checkpoints' / checkpoint_name(2)} at iteration 2" in out
     assert_same_run(tmp_path, straight)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [checkpoint_name(4), "latest"]
 
 
 def test_sigkill_mid_run_then_resume_is_exact(straight, tmp_path):
@@ -234,3 +235,13 @@ def test_export_cli_matches_the_trained_policy_and_critic(straight, tmp_path):
     bad = subprocess.run([sys.executable, "launch/export.py", str(tmp_path / "nowhere"), str(tmp_path / "x")],
                          cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
+
+
+def test_evaluate_accepts_a_checkpoint(straight, tmp_path):
+    ckpt = straight / "checkpoints" / checkpoint_name(ITERATIONS)
+    proc = subprocess.run([sys.executable, "launch/evaluate.py", "--policy", str(ckpt), "--num_prompts", "4",
+                           "--max_new_tokens", "4", "--output_dir", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["num_prompts"] == 4 and summary["kl_mean"] > 0  # the trained policy, not the reference

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from rlhf_ds.checkpoint import (CheckpointError, check_resume_config, checkpoint_name,
                                 find_checkpoint, rng_state, set_rng_state, verify_checkpoint)
 from rlhf_ds.config import ConfigError, PPOConfig
-from test_distributed import LAUNCH_TIMEOUT_S, RANKS, REPO, _free_port, _prebuild_deepspeed_ops
+from test_distributed import LAUNCH_TIMEOUT_S, RANKS, REPO, _free_port, prepare_training_runs
 
 ITERATIONS = 4
 RUN_ARGS = ["--iterations", str(ITERATIONS), "--save_interval", "2", "--rollout_batch_size", "4",
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_
 
 def start(output_dir: Path, fault: str = "none", *extra: str) -> subprocess.Popen:
     """Start launch/train.py on RANKS ranks (deepspeed launcher) in its own process group."""
-    _prebuild_deepspeed_ops()
+    prepare_training_runs()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(RANKS), "--no_local_rank",
            "--master_port", str(_free_port()), str(RUN_CLI), fault, *RUN_ARGS, "--output_dir", str(output_dir),
            *extra]

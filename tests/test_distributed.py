@@ -37,7 +37,7 @@ def _free_port() -> int:
 
 
 @functools.cache
-def _prebuild_deepspeed_ops() -> None:
+def prebuild_deepspeed_ops() -> None:
     """JIT-build DeepSpeed's shared-memory comm op (CPU accelerator) in this process, once.
 
     Otherwise the ranks of the first launch on a fresh machine build it concurrently, and that launch ends
@@ -50,9 +50,19 @@ def _prebuild_deepspeed_ops() -> None:
         builder.load(verbose=False)
 
 
+@functools.cache
+def prepare_training_runs() -> None:
+    """Before launching launch/train.py on several ranks: the comm op, and the embedded default built here with
+    all cores (a rank would build it with its share of the threads while the other rank waits)."""
+    from rlhf_ds.embedded import build
+
+    prebuild_deepspeed_ops()
+    build()
+
+
 def launch(script: str, out_dir: Path, *args: str) -> list[dict]:
     """Run tests/dist/<script> on RANKS ranks with the deepspeed launcher; return each rank's JSON."""
-    _prebuild_deepspeed_ops()
+    prebuild_deepspeed_ops()
     out_dir.mkdir(parents=True, exist_ok=True)
     port = str(_free_port())
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(RANKS), "--no_local_rank",

@@ -15,7 +15,6 @@ SLURM does for the calls the scripts make:
 The sbatch scripts run with ``bash`` as sbatch would run them, with the variables sbatch sets. Where a test is
 about the scripts' plumbing rather than training, ``PYTHON`` is a fake that records how it was started.
 """
-import functools
 import json
 import os
 import signal
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from test_distributed import prepare_training_runs
 
 REPO = Path(__file__).resolve().parents[1]
 SRUN_SCRIPT = REPO / "launch" / "slurm" / "train_srun.sbatch"
@@ -295,24 +296,10 @@ def _assert_no_shm_leak(port: str) -> None:
     assert not leaked, f"shared-memory buffers left behind: {leaked}"
 
 
-@functools.cache
-def _prepare_real_runs() -> None:
-    """Build (or find cached) the embedded models and DeepSpeed's CPU shared-memory op here, once, so that the
-    ranks of the first run do not build them concurrently."""
-    from deepspeed.accelerator import get_accelerator
-
-    from rlhf_ds.embedded import build
-
-    build()
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None and builder.is_compatible(verbose=False):
-        builder.load(verbose=False)
-
-
 @pytest.fixture
 def real_run(slurm, tmp_path):
     """Environment for a real 2-rank training run on one emulated node; returns (env, state, output dir)."""
-    _prepare_real_runs()
+    prepare_training_runs()
     env, state = slurm
     out = tmp_path / "run"
     env.update(SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES="1", SLURM_NTASKS="2", GPUS_PER_NODE="2",

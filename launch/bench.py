@@ -1,25 +1,386 @@
-"""Seconds per PPO iteration, split by phase, and tokens per second: the baseline for performance work.
+"""Performance figures of one PPO iteration and of its parts, as a table and one flat JSON object.
 
-    python launch/bench.py                                   # embedded default, one process
-    python launch/bench.py --model qwen2-0.5b --iterations 2 # random-init model of the exact Qwen2-0.5B shape
-    deepspeed --num_gpus 2 launch/bench.py [...]             # several ranks
-    python launch/bench.py --json out.json [--field value ...]  # PPOConfig overrides, e.g. --zero_stage 3
+    python launch/bench.py                          # the CPU set (embedded default, 1 and 2 ranks), < 5 minutes
+    python launch/bench.py --json new.json          # also write the figures
+    python launch/bench.py --compare old.json new.json   # per-key ratios; regressions > 10% flagged (exit 1)
+    python launch/bench.py --model qwen2-0.5b       # random-init model of the exact Qwen2-0.5B shape (GPU only)
+    python launch/bench.py --quick [--ranks 1]      # smoke run, tiny sizes (what tests/test_bench.py runs)
+    python launch/bench.py [...] --field value      # PPOConfig overrides, e.g. --rollout_batch_size 32
 
-The first iteration (warm-up: allocator, kernel selection) is run but not counted. Prints a table on rank 0 and
-optionally writes one flat JSON object.
+What it measures (every section records the 1-minute load average next to its figures):
+  main        PPO iterations as training runs them (natural response lengths): seconds and response tokens/s
+              per phase, peak memory, model FLOPs and MFU of the update against a matmul timed in the same run
+  experience  ExperienceMaker.make on the whole rollout vs one sequence at a time (same sequences)
+  scaling     iteration time vs rollout batch size and vs response length (fixed-length responses), 1 rank
+  generation  the same prompts, fixed length, on N ranks: ZeRO-2 (unpartitioned) vs ZeRO-3 hybrid (parameters
+              gathered once per generate call) vs ZeRO-3 naive (partitioned, synced_gpus)
+  ranks       the largest scaling point on N ranks (same prompts per rank), vs 1 rank
+
+The parent process starts the workers: ``--worker`` on 1 rank with python for main/experience/scaling (and
+everything when --ranks 1), and on N ranks through the deepspeed launcher for generation/ranks; each writes
+its JSON, the parent merges them. Every measurement follows one untimed warm-up (none with --quick) and
+reports the median of its timed runs. Figures, formulas and what was measured with them: docs/PERFORMANCE.md.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import dataclasses
+import gc
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
-PHASES = ("time_generation_s", "time_experience_s", "time_update_s")
+from rlhf_ds import benchmark  # noqa: E402  (torch only; the heavy imports wait for the workers)
+
+PHASES = ("generation", "experience", "update")
+TARGETS = {"generation_ratio_hybrid_over_zero2": ("<=", 1.15), "generation_ratio_naive_over_hybrid": (">=", 3.0)}
+QUICK = ["--rollout_batch_size", "4", "--mini_batch_size", "2", "--max_new_tokens", "8", "--ppo_epochs", "1",
+         "--max_prompts", "64"]
+WORKER_TIMEOUT_S = 1200
+
+
+# --- the worker: runs on every rank ---------------------------------------------------------------------------
+
+def _config(args, overrides: list[str]):
+    """The PPOConfig of this benchmark: --quick sizes, then the user's overrides (which win)."""
+    from rlhf_ds.config import PPOConfig
+
+    return PPOConfig.from_args([*(QUICK if args.quick else []), *overrides,
+                                "--output_dir", os.path.join(args.out, "run")])
+
+
+def _fixed_length(generator, on: bool = True) -> None:
+    """Suppress EOS until max_new_tokens (HF ``min_new_tokens``): every response has the same length."""
+    generator.engine.module.generation_config.min_new_tokens = generator.max_new_tokens if on else None
+
+
+def _warmup(args) -> int:
+    """Untimed warm-up runs before each measurement: one, none in a --quick smoke run."""
+    return 0 if args.quick else 1
+
+
+def _sections(names: str) -> list[str]:
+    return [name for name in names.split(",") if name]
+
+
+def _run_iterations(trainer, batches, count: int) -> list[dict]:
+    """``count`` PPO iterations through ``PPOTrainer.step`` (no metrics file, no export)."""
+    history = []
+    for _ in range(count):
+        metrics = trainer.step(next(batches))
+        if "skip_reason" in metrics:
+            raise RuntimeError(f"benchmark iteration skipped: {metrics['skip_reason']}")
+        history.append(metrics)
+        trainer.iteration += 1
+    return history
+
+
+def _record_shapes(trainer, shapes: list) -> None:
+    """Record (B, L, R) of every rollout (for the FLOPs of the update)."""
+    make = trainer.experience_maker.make
+
+    def recording(prompt_mask, sequences, response_mask):
+        shapes.append((sequences.shape[0], sequences.shape[1], response_mask.shape[1]))
+        return make(prompt_mask, sequences, response_mask)
+
+    trainer.experience_maker.make = recording
+
+
+def _median(history: list[dict], key: str) -> float:
+    return statistics.median(m[key] for m in history)
+
+
+def _main_section(config, engines, prompts, args, figures: dict) -> object:
+    from rlhf_ds.distributed import get_world_size
+    from rlhf_ds.trainer import PPOTrainer
+
+    device = engines.actor.device
+    figures["loadavg_main"] = benchmark.loadavg()
+    trainer = PPOTrainer(config, engines, prompts)
+    shapes: list = []
+    _record_shapes(trainer, shapes)
+    batches = iter(trainer.loader)
+    _run_iterations(trainer, batches, _warmup(args))
+    del shapes[:]
+    history = _run_iterations(trainer, batches, args.iterations)
+    world = get_world_size()
+    for phase in PHASES:
+        figures[f"{phase}_s"] = _median(history, f"time_{phase}_s")
+    figures["iteration_s"] = statistics.median(sum(m[f"time_{p}_s"] for p in PHASES) for m in history)
+    figures["response_length"] = statistics.mean(m["response_length"] for m in history)
+    response_tokens = figures["response_length"] * config.rollout_batch_size * world
+    for phase in PHASES + ("iteration",):
+        figures[f"{phase}_tokens_per_s"] = response_tokens / figures[f"{phase}_s"]
+    figures["peak_memory_mb"] = benchmark.peak_memory_mb(device)
+    figures["peak_rss_mb"] = benchmark.peak_rss_mb()
+    # FLOPs of the update: each timed iteration's own (B, L, R), against its own update time.
+    flops = [benchmark.update_flops(engines.actor.module, engines.critic.module, b, length, r, config.ppo_epochs)
+             for b, length, r in shapes]
+    figures["update_gflop"] = statistics.mean(flops) / 1e9
+    dtype = next(engines.actor.module.parameters()).dtype
+    peak, n = benchmark.matmul_peak_flops(dtype, device)
+    figures["matmul_peak_gflops"] = peak / 1e9
+    figures["matmul_peak_n"] = n
+    figures["update_mfu"] = statistics.median(
+        benchmark.mfu(f, m["time_update_s"], peak) for f, m in zip(flops, history))
+    figures["prompt_len"] = statistics.mean(length - r for _, length, r in shapes)
+    return trainer
+
+
+def _experience_section(trainer, args, figures: dict) -> None:
+    """ExperienceMaker.make on the whole rollout (micro-batches of mini_batch_size) vs one row at a time."""
+    figures["loadavg_experience"] = benchmark.loadavg()
+    device = trainer.device
+    _fixed_length(trainer.generator)
+    batch = {k: v.to(device) for k, v in trainer.collate(next(iter(trainer.loader))).items()}
+    sequences, response_mask = trainer.generator.generate(batch["input_ids"], batch["attention_mask"],
+                                                          generator_seed=0)
+    _fixed_length(trainer.generator, False)
+    prompt_mask, maker = batch["attention_mask"], trainer.experience_maker
+    rows = sequences.shape[0]
+
+    def batched():
+        maker.make(prompt_mask, sequences, response_mask)
+
+    def per_sequence():
+        for i in range(rows):
+            maker.make(prompt_mask[i:i + 1], sequences[i:i + 1], response_mask[i:i + 1])
+
+    seconds = benchmark.interleaved_medians({"batched": batched, "per_sequence": per_sequence}, args.repeats,
+                                            device, warmup=_warmup(args))
+    for mode, (wall, cpu) in seconds.items():
+        figures[f"experience_{mode}_s"] = wall
+        figures[f"experience_{mode}_cpu_s"] = cpu
+    figures["experience_ratio_per_sequence_over_batched"] = (figures["experience_per_sequence_s"]
+                                                             / figures["experience_batched_s"])
+
+
+def _scaling_points(config) -> list[tuple[int, int]]:
+    """(rollout_batch_size, max_new_tokens): the configured point, half the batch, half the length."""
+    b, r = config.rollout_batch_size, config.max_new_tokens
+    points = [(b, r)]
+    if b // 2 >= 1 and (b // 2) % config.mini_batch_size == 0:
+        points.append((b // 2, r))
+    if r // 2 >= 1:
+        points.append((b, r // 2))
+    return points
+
+
+def _fixed_length_iteration(config, engines, prompts, iterations: int, warmup: int) -> dict:
+    """Median phase seconds and all-rank response tokens/s of ``iterations`` fixed-length iterations."""
+    from rlhf_ds.distributed import get_world_size
+    from rlhf_ds.trainer import PPOTrainer
+
+    trainer = PPOTrainer(config, engines, prompts)
+    _fixed_length(trainer.generator)
+    batches = iter(trainer.loader)
+    _run_iterations(trainer, batches, warmup)
+    history = _run_iterations(trainer, batches, iterations)
+    seconds = statistics.median(sum(m[f"time_{p}_s"] for p in PHASES) for m in history)
+    tokens = config.rollout_batch_size * config.max_new_tokens * get_world_size()
+    return {"iteration_s": seconds, "tokens_per_s": tokens / seconds,
+            **{f"{p}_s": _median(history, f"time_{p}_s") for p in PHASES}}
+
+
+def _scaling_section(config, engines, prompts, args, figures: dict) -> None:
+    figures["loadavg_scaling"] = benchmark.loadavg()
+    for b, r in _scaling_points(config):
+        point = _fixed_length_iteration(dataclasses.replace(config, rollout_batch_size=b, max_new_tokens=r),
+                                        engines, prompts, args.scaling_iterations, _warmup(args))
+        figures[f"scaling_b{b}_r{r}_iteration_s"] = point["iteration_s"]
+        figures[f"scaling_b{b}_r{r}_tokens_per_s"] = point["tokens_per_s"]
+
+
+def _ranks_section(config, engines, prompts, args, figures: dict) -> None:
+    from rlhf_ds.distributed import get_world_size
+
+    world = get_world_size()
+    figures[f"loadavg_ranks{world}"] = benchmark.loadavg()
+    point = _fixed_length_iteration(config, engines, prompts, args.scaling_iterations, _warmup(args))
+    for key, value in point.items():
+        figures[f"ranks{world}_{key}"] = value
+
+
+def _generation_section(config, policy_path: str, prompts, args, figures: dict) -> None:
+    """Same prompts, same fixed length: ZeRO-2 vs ZeRO-3 hybrid vs ZeRO-3 naive actor engines, fresh from disk."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from rlhf_ds.data import PromptCollator, PromptLoader
+    from rlhf_ds.distributed import barrier, get_rank, get_world_size
+    from rlhf_ds.engines import build_ds_config, resolve_precision
+    from rlhf_ds.hybrid import HybridEngine, torch_linear
+    from rlhf_ds.models import load_policy, load_tokenizer
+
+    world = get_world_size()
+    figures["loadavg_generation"] = benchmark.loadavg()
+    # Loading the ZeRO-3 actor replaces torch.nn.functional.linear for the whole process (DeepSpeed's
+    # memory_efficient_linear); put it back afterwards so that the sections after this one run as they would
+    # in a process of their own ZeRO stage.
+    linear = torch.nn.functional.linear
+    tokenizer = load_tokenizer(policy_path, config.trust_remote_code)
+    generators, keep_alive = {}, []
+    for stage in (2, 3):
+        stage_config = dataclasses.replace(config, zero_stage=stage, offload_params=False,
+                                           offload_optimizer=False)
+        ds = build_ds_config(stage_config, "actor", world)
+        if stage == 3:  # from_pretrained loads partitioned while this object lives
+            keep_alive.append(HfDeepSpeedConfig(copy.deepcopy(ds)))
+        model = load_policy(policy_path, resolve_precision(stage_config), config.trust_remote_code)
+        engine, *_ = deepspeed.initialize(model=model, config=ds)
+        generators[stage] = HybridEngine(engine, tokenizer, config.max_new_tokens, config.temperature,
+                                         config.top_k, config.top_p)
+        _fixed_length(generators[stage])
+    device = generators[2].engine.device
+    loader = PromptLoader(prompts, config.rollout_batch_size, config.seed, get_rank(), world)
+    batch = {k: v.to(device) for k, v in PromptCollator(tokenizer, config.max_prompt_len)(next(iter(loader))).items()}
+    seed = config.seed + get_rank()
+    outputs = {}
+
+    def run(name, generator, naive=False):
+        # ZeRO-2 runs with torch's own linear, as in a process that never loaded a ZeRO-3 model (loading one
+        # replaces torch.nn.functional.linear process-wide; see rlhf_ds/hybrid.py).
+        def call():
+            with torch_linear() if name == "zero2" else contextlib.nullcontext():
+                outputs[name] = generator.generate(batch["input_ids"], batch["attention_mask"],
+                                                   generator_seed=seed, naive=naive)
+        return call
+
+    modes = {"zero2": run("zero2", generators[2]), "hybrid_zero3": run("hybrid_zero3", generators[3]),
+             "naive_zero3": run("naive_zero3", generators[3], naive=True)}
+    seconds = benchmark.interleaved_medians(modes, args.repeats, device, before=barrier, warmup=_warmup(args))
+    # The slowest rank sets the pace of a step: report the maximum over ranks.
+    slowest = torch.tensor([value for mode in modes for value in seconds[mode]], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    for mode, (wall, cpu) in zip(modes, slowest.view(-1, 2).tolist()):
+        figures[f"generation_{mode}_s"] = wall
+        figures[f"generation_{mode}_cpu_s"] = cpu
+    for kind in ("", "cpu_"):
+        zero2, hybrid, naive = (figures[f"generation_{mode}_{kind}s"] for mode in modes)
+        figures[f"generation_{kind}ratio_hybrid_over_zero2"] = hybrid / zero2
+        figures[f"generation_{kind}ratio_naive_over_hybrid"] = naive / hybrid
+    masks = [outputs[m][1] for m in modes]
+    figures["generation_fixed_length"] = int(all(bool(m.all()) for m in masks))
+    figures["generation_same_tokens"] = int(all(torch.equal(outputs[m][0], outputs["zero2"][0]) for m in modes))
+    figures["generation_ranks"] = world
+    figures["generation_prompt_len"] = batch["input_ids"].shape[1]
+    for generator in generators.values():
+        if hasattr(generator.engine, "destroy"):
+            generator.engine.destroy()
+    generators.clear()
+    keep_alive.clear()
+    gc.collect()
+    torch.nn.functional.linear = linear
+
+
+def worker(args, overrides: list[str]) -> int:
+    import torch
+
+    from rlhf_ds.data import load_prompts
+    from rlhf_ds.distributed import get_world_size, init_distributed, is_main_process
+    from rlhf_ds.embedded import resolve_model_paths
+    from rlhf_ds.engines import build_engines
+
+    sections = _sections(args.sections)
+    config = _config(args, overrides)
+    init_distributed()
+    policy, critic, reward = resolve_model_paths(config)
+    if args.policy_dir:  # the parent's random-init Qwen2-0.5B
+        policy = critic = args.policy_dir
+    prompts, _ = load_prompts(config.dataset, config.train_split, config.max_prompts)
+    figures: dict = {}
+    if "generation" in sections:  # first: its ZeRO-3 loading state must not meet the trainer's engines
+        _generation_section(config, policy, prompts, args, figures)
+    if {"main", "experience", "scaling", "ranks"} & set(sections):
+        engines = build_engines(config, policy, critic, reward)
+        trainer = None
+        if "main" in sections or "experience" in sections:
+            trainer = _main_section(config, engines, prompts, args, figures)
+        if "experience" in sections:
+            _experience_section(trainer, args, figures)
+        if "scaling" in sections:
+            _scaling_section(config, engines, prompts, args, figures)
+        if "ranks" in sections:
+            _ranks_section(config, engines, prompts, args, figures)
+    figures[f"threads_ranks{get_world_size()}"] = torch.get_num_threads()  # torch threads of each rank
+    if is_main_process():
+        with open(os.path.join(args.out, f"figures_{'_'.join(sections)}.json"), "w") as fh:
+            json.dump(figures, fh)
+    return 0
+
+
+# --- the parent: starts the workers, merges, prints ----------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _prebuild_deepspeed_ops() -> None:
+    """Build DeepSpeed's CPU shared-memory comm op once here, not concurrently in N ranks (that run aborts)."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and builder.is_compatible(verbose=False):
+        builder.load(verbose=False)
+
+
+def _start_worker(args, overrides: list[str], sections: list[str], ranks: int, out: str,
+                  policy_dir: str | None) -> dict:
+    script = os.path.abspath(__file__)
+    worker_args = ["--worker", "--sections", ",".join(sections), "--out", out, "--iterations", str(args.iterations),
+                   "--repeats", str(args.repeats), "--scaling_iterations", str(args.scaling_iterations),
+                   *(["--quick"] if args.quick else []), *(["--policy_dir", policy_dir] if policy_dir else []),
+                   *overrides]
+    if ranks == 1:
+        cmd = [sys.executable, script, *worker_args]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--no_local_rank",
+               "--master_port", str(_free_port()), script, *worker_args]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    print(f"[bench] {', '.join(sections)} on {ranks} rank(s) (loadavg {benchmark.loadavg():.2f}) ...",
+          file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    log = os.path.join(out, f"worker_{'_'.join(sections)}.log")
+    with open(log, "w") as fh:
+        fh.write(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker ({', '.join(sections)}, {ranks} rank(s)) failed with exit code "
+                           f"{proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    print(f"[bench]   done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    with open(os.path.join(out, f"figures_{'_'.join(sections)}.json")) as fh:
+        return json.load(fh)
+
+
+def _environment(args, config, ranks: int) -> dict:
+    import deepspeed
+    import torch
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    return {"model": args.model, "device": torch.cuda.get_device_name(0) if cuda else f"cpu x{os.cpu_count()}",
+            "torch_version": torch.__version__, "deepspeed_version": deepspeed.__version__,
+            "transformers_version": transformers.__version__, "ranks": ranks, "zero_stage": config.zero_stage,
+            "precision": config.precision, "rollout_batch_size": config.rollout_batch_size,
+            "mini_batch_size": config.mini_batch_size, "max_new_tokens": config.max_new_tokens,
+            "ppo_epochs": config.ppo_epochs, "iterations": args.iterations, "repeats": args.repeats,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
 
 
 def random_qwen2_0_5b(policy_dir: str, out_dir: str) -> str:
@@ -36,50 +397,146 @@ def random_qwen2_0_5b(policy_dir: str, out_dir: str) -> str:
     return out_dir
 
 
+def run(args, overrides: list[str]) -> dict:
+    import torch
+
+    from rlhf_ds.embedded import resolve_model_paths
+
+    cuda = torch.cuda.is_available()
+    ranks = args.ranks if args.ranks is not None else (min(2, torch.cuda.device_count()) if cuda else 2)
+    with tempfile.TemporaryDirectory(prefix="rlhf_bench_") as out:
+        config = _config(argparse.Namespace(quick=args.quick, out=out), overrides)
+        policy_dir = None
+        if args.model == "qwen2-0.5b":
+            policy, _, _ = resolve_model_paths(config)
+            policy_dir = random_qwen2_0_5b(policy, os.path.join(out, "qwen2-0.5b"))
+        figures = {**_environment(args, config, ranks), "loadavg_start": benchmark.loadavg()}
+        single = ["main", "experience", "scaling"] + (["generation"] if ranks == 1 else [])
+        figures.update(_start_worker(args, overrides, single, 1, out, policy_dir))
+        if ranks > 1:
+            if not cuda:
+                _prebuild_deepspeed_ops()
+            figures.update(_start_worker(args, overrides, ["generation", "ranks"], ranks, out, policy_dir))
+        figures["loadavg_end"] = benchmark.loadavg()
+    return figures
+
+
+def format_figures(f: dict) -> str:
+    """The human-readable table of a benchmark run."""
+    threads = ", ".join(f"{k[len('threads_ranks'):]} rank(s): {v}" for k, v in sorted(f.items())
+                        if k.startswith("threads_ranks"))
+    lines = [f"rlhf-ds bench: {f['model']} on {f['device']}, torch {f['torch_version']}, deepspeed "
+             f"{f['deepspeed_version']}; torch threads per rank with {threads}", ""]
+    lines.append(f"main: 1 rank, ZeRO-{f['zero_stage']}, {f['rollout_batch_size']} prompts x {f['max_new_tokens']} "
+                 f"new tokens (natural length, mean {f['response_length']:.1f}), prompt {f['prompt_len']:.0f} "
+                 f"tokens, median of {f['iterations']} iterations  [loadavg {f['loadavg_main']:.2f}]")
+    lines.append(f"  {'phase':<12} {'seconds':>8} {'share':>6} {'resp tok/s':>11}")
+    for phase in PHASES + ("iteration",):
+        share = f"{f[f'{phase}_s'] / f['iteration_s']:6.1%}" if phase != "iteration" else ""
+        lines.append(f"  {phase:<12} {f[f'{phase}_s']:8.3f} {share:>6} {f[f'{phase}_tokens_per_s']:11.1f}")
+    memory = "RSS" if f["device"].startswith("cpu") else "torch.cuda.max_memory_allocated"
+    lines.append(f"  peak memory ({memory}): {f['peak_memory_mb']:.0f} MiB")
+    lines.append(f"  update: {f['update_gflop']:.2f} GFLOP per iteration (6 x params x tokens + attention, actor "
+                 f"and critic forward+backward), matmul peak {f['matmul_peak_gflops']:.1f} GFLOP/s "
+                 f"(n={f['matmul_peak_n']}), MFU {f['update_mfu']:.1%}")
+    if "experience_batched_s" in f:
+        lines += ["", f"experience, {f['rollout_batch_size']} sequences  [loadavg {f['loadavg_experience']:.2f}]",
+                  f"  batched (micro-batches of {f['mini_batch_size']}) {f['experience_batched_s']:.3f} s, one "
+                  f"sequence at a time {f['experience_per_sequence_s']:.3f} s: "
+                  f"{f['experience_ratio_per_sequence_over_batched']:.1f}x (CPU s: {f['experience_batched_cpu_s']:.3f} "
+                  f"vs {f['experience_per_sequence_cpu_s']:.3f})"]
+    if "generation_zero2_s" in f:
+        lines += ["", f"generation, {f['generation_ranks']} rank(s), {f['rollout_batch_size']} prompts x "
+                  f"{f['max_new_tokens']} tokens per rank (fixed length: {bool(f['generation_fixed_length'])}, same "
+                  f"tokens in all three: {bool(f['generation_same_tokens'])})  [loadavg {f['loadavg_generation']:.2f}]"]
+        lines.append(f"  {'':<14} {'wall s':>8} {'CPU s':>8}   (CPU: this rank's process time, robust to other load)")
+        for mode in ("zero2", "hybrid_zero3", "naive_zero3"):
+            lines.append(f"  {mode:<14} {f[f'generation_{mode}_s']:8.3f} {f[f'generation_{mode}_cpu_s']:8.3f}")
+        for key, (op, target) in TARGETS.items():
+            value, cpu = f[key], f[key.replace("generation_", "generation_cpu_")]
+            met = value <= target if op == "<=" else value >= target
+            name = key[len("generation_ratio_"):].replace("_over_", "/")
+            lines.append(f"  {name:<14} {value:8.2f} {cpu:8.2f}   target {op} {target} (wall): "
+                         f"{'met' if met else 'MISSED'}")
+    scaling = sorted(k for k in f if k.startswith("scaling_") and k.endswith("_iteration_s"))
+    if scaling:
+        lines += ["", f"scaling, 1 rank, fixed-length responses  [loadavg {f['loadavg_scaling']:.2f}]",
+                  f"  {'prompts':>7} {'tokens':>6} {'iteration s':>12} {'resp tok/s':>11}"]
+        for key in scaling:
+            b, r = key.split("_")[1:3]
+            rate = f[key.replace("iteration_s", "tokens_per_s")]
+            lines.append(f"  {b[1:]:>7} {r[1:]:>6} {f[key]:12.3f} {rate:11.1f}")
+    many = sorted(k for k in f if k.startswith("ranks") and k.endswith("_iteration_s"))
+    if many:
+        b, r = f["rollout_batch_size"], f["max_new_tokens"]
+        lines += ["", f"ranks, {b} prompts x {r} tokens per rank, fixed length"]
+        if f"scaling_b{b}_r{r}_iteration_s" in f:
+            lines.append(f"  1 rank   {f[f'scaling_b{b}_r{r}_iteration_s']:8.3f} s/iteration  "
+                         f"{f[f'scaling_b{b}_r{r}_tokens_per_s']:9.1f} resp tok/s [loadavg {f['loadavg_scaling']:.2f}]")
+        for key in many:
+            n = key[len("ranks"):-len("_iteration_s")]
+            lines.append(f"  {n} ranks  {f[key]:8.3f} s/iteration  {f[f'ranks{n}_tokens_per_s']:9.1f} resp tok/s "
+                         f"[loadavg {f[f'loadavg_ranks{n}']:.2f}]")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("embedded", "qwen2-0.5b"), default="embedded")
-    parser.add_argument("--iterations", type=int, default=3, help="timed iterations (after one warm-up)")
-    parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument("--iterations", type=int, default=None, help="timed iterations of the main run (after "
+                        "one warm-up; default 3)")
+    parser.add_argument("--scaling_iterations", type=int, default=None, help="timed iterations per scaling and "
+                        "ranks point (default 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats of the generation and experience "
+                        "comparisons (after one warm-up; default 3)")
+    parser.add_argument("--ranks", type=int, default=None, help="ranks of the generation and ranks sections "
+                        "(default 2 on CPU, min(2, GPUs) on GPU; 1 runs everything in one process)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 prompts x 8 tokens, 1 PPO epoch, 1 "
+                        "iteration and repeat, no warm-up (checks that everything runs; the figures mean little)")
+    parser.add_argument("--json", help="write the figures to this file (one flat JSON object)")
+    parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="compare two --json files")
+    parser.add_argument("--threshold", type=float, default=0.10, help="--compare: flag changes beyond this "
+                        "fraction (0.10 = 10%%)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--sections", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--policy_dir", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
+    for name, default in (("iterations", 3), ("scaling_iterations", 2), ("repeats", 3)):
+        if getattr(args, name) is None:
+            setattr(args, name, 1 if args.quick else default)
 
-    from rlhf_ds.config import PPOConfig
-    from rlhf_ds.data import load_prompts
-    from rlhf_ds.distributed import get_world_size, init_distributed, is_main_process
-    from rlhf_ds.embedded import resolve_model_paths
-    from rlhf_ds.engines import build_engines
-    from rlhf_ds.trainer import PPOTrainer
+    if args.compare:
+        old, new = (json.load(open(path)) for path in args.compare)
+        rows, regressions = benchmark.compare(old, new, args.threshold)
+        print(benchmark.format_compare(rows, *args.compare))
+        if regressions:
+            print(f"\n{len(regressions)} regression(s) > {args.threshold:.0%}: {', '.join(regressions)}")
+        return 1 if regressions else 0
+    if args.worker:
+        return worker(args, overrides)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("error: run `python launch/bench.py` in one process: it starts its own ranks (--ranks N)",
+              file=sys.stderr)
+        return 2
 
-    with tempfile.TemporaryDirectory() as tmp:
-        config = PPOConfig.from_args(["--iterations", str(args.iterations + 1), "--output_dir",
-                                      os.path.join(tmp, "run"), *overrides])
-        policy, critic, reward = resolve_model_paths(config)
-        if args.model == "qwen2-0.5b":
-            policy = critic = random_qwen2_0_5b(policy, os.path.join(tmp, "qwen2-0.5b"))
-        prompts, _ = load_prompts(config.dataset, config.train_split, config.max_prompts)
-        init_distributed()
-        trainer = PPOTrainer(config, build_engines(config, policy, critic, reward), prompts)
-        timed = trainer.train()[1:]
+    import torch
 
-    figures = {"model": args.model, "world_size": get_world_size(), "zero_stage": config.zero_stage,
-               "rollout_batch_size": config.rollout_batch_size, "max_new_tokens": config.max_new_tokens,
-               "iterations": len(timed)}
-    for key in PHASES + ("tokens_per_s",):
-        figures[key] = statistics.mean(m[key] for m in timed)
-    figures["iteration_s"] = sum(figures[p] for p in PHASES)
-    if is_main_process():
-        print(f"\n{args.model}: {figures['world_size']} rank(s), ZeRO-{config.zero_stage}, "
-              f"{config.rollout_batch_size} prompts x {config.max_new_tokens} new tokens per rank, "
-              f"mean of {len(timed)} iterations")
-        print(f"{'phase':<12} {'seconds':>8} {'share':>6}")
-        for phase in PHASES:
-            name = phase[len("time_"):-len("_s")]
-            print(f"{name:<12} {figures[phase]:8.3f} {figures[phase] / figures['iteration_s']:6.1%}")
-        print(f"{'iteration':<12} {figures['iteration_s']:8.3f}\nresponse tokens/s (all ranks): "
-              f"{figures['tokens_per_s']:.1f}")
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(figures, fh, indent=2)
+    if args.model == "qwen2-0.5b" and not torch.cuda.is_available():
+        print("error: --model qwen2-0.5b is for a GPU: on a CPU the four 0.5B models with Adam state exhaust the "
+              "memory of a 24 GiB machine; use the embedded default", file=sys.stderr)
+        return 2
+    from rlhf_ds.config import ConfigError
+
+    try:
+        figures = run(args, overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_figures(figures))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(figures, fh, indent=1)
     return 0
 
 

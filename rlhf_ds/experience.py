@@ -6,11 +6,14 @@ of the state before it (the same position); ``response_logits`` is the one place
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
 
+from rlhf_ds.hybrid import gathered, torch_linear
 from rlhf_ds.models import position_ids_from_mask
 from rlhf_ds.ppo import logprobs_from_logits
 from rlhf_ds.reward import decode_rollout, score_pairs
@@ -40,22 +43,47 @@ class Experience:
                              for f in fields(self)})
 
 
+@functools.cache
+def _takes_logits_to_keep(model_type: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_type.forward).parameters
+
+
+def _drop_shared_left_padding(sequences: torch.Tensor, attention_mask: torch.Tensor,
+                              prompt_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The rows without the leading columns that are padding in every one of them, and the new prompt length.
+
+    Nothing attends to those columns and positions come from the mask, so every kept position's output is the
+    same; a batch of short prompts then costs what its own longest prompt costs, not the rollout's.
+    """
+    has_token = attention_mask[:, :prompt_len].any(0)
+    cut = min(int(has_token.long().argmax()) if bool(has_token.any()) else prompt_len, prompt_len - 1)
+    return sequences[:, cut:], attention_mask[:, cut:], prompt_len - cut
+
+
 def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                     temperature: float) -> torch.Tensor:
     """Logits (B, R, V) that predicted each response token, divided by the sampling temperature.
 
     Kept in the model's dtype: ``logprobs_from_logits`` upcasts row by row instead of copying all of (B, R, V).
+    The forward skips the columns of left padding all rows share, and the LM head runs only on the R + 1 last
+    positions (HF ``logits_to_keep``, when the model takes it): the prompt positions' logits are never used,
+    and on a real prompt they are most of the (B, L, V) tensor.
 
     Positions follow the attention mask (left padding does not shift them), as in HF ``generate``.
     """
+    response_len = sequences.shape[1] - prompt_len
+    sequences, attention_mask, prompt_len = _drop_shared_left_padding(sequences, attention_mask, prompt_len)
+    keep = ({"logits_to_keep": response_len + 1}
+            if _takes_logits_to_keep(type(getattr(model, "module", model))) else {})
     logits = model(input_ids=sequences, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
-    logits = logits[:, prompt_len - 1:-1]
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False, **keep).logits
+    logits = logits[:, logits.shape[1] - response_len - 1:-1]
     return logits if temperature == 1.0 else logits / temperature
 
 
 def response_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Critic values (B, R) of the state before each response token."""
+    """Critic values (B, R) of the state before each response token (shared left padding skipped)."""
+    sequences, attention_mask, prompt_len = _drop_shared_left_padding(sequences, attention_mask, prompt_len)
     return critic(input_ids=sequences, attention_mask=attention_mask)[:, prompt_len - 1:-1]
 
 
@@ -76,22 +104,44 @@ class ExperienceMaker:
 
     @torch.no_grad()
     def make(self, prompt_mask: torch.Tensor, sequences: torch.Tensor, response_mask: torch.Tensor) -> Experience:
-        """prompt_mask (B, P), sequences (B, L), response_mask (B, R) -> Experience."""
+        """prompt_mask (B, P), sequences (B, L), response_mask (B, R) -> Experience.
+
+        Model by model, each over all micro-batches: under ZeRO-3 each model is gathered once per rollout
+        (``hybrid.gathered``) instead of layer by layer in every micro-batch's forward, and, no grad being
+        needed, with torch's own linear (``hybrid.torch_linear``). Micro-batches are buckets of similar
+        length: rows sorted by prompt length, so each micro-batch's forwards cost its own longest prompt
+        (``response_logits`` drops the left padding all its rows share), and the reward model's text pairs
+        sorted by length, each micro-batch padded to its own longest pair.
+        A collective under ZeRO-3.
+        """
         prompt_len = prompt_mask.shape[1]
         attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
         labels = sequences[:, prompt_len:]
-        parts = {"old_logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
-        for start in range(0, sequences.shape[0], self.micro_batch_size):
-            rows = slice(start, start + self.micro_batch_size)
-            seq, mask = sequences[rows], attention_mask[rows]
+        rows = sequences.shape[0]
+        by_prompt = list(torch.sort(prompt_mask.sum(1), stable=True).indices.split(self.micro_batch_size))
+        questions, answers = decode_rollout(self.policy_tokenizer, sequences[:, :prompt_len], prompt_mask, labels,
+                                            response_mask)
+        by_text = sorted(range(rows), key=lambda i: len(questions[i]) + len(answers[i]))
+        by_text = [by_text[i:i + self.micro_batch_size] for i in range(0, rows, self.micro_batch_size)]
+
+        def in_row_order(chunks: list[torch.Tensor], buckets: list) -> torch.Tensor:
+            out = torch.empty((rows, *chunks[0].shape[1:]), dtype=chunks[0].dtype, device=chunks[0].device)
+            out[torch.cat([torch.as_tensor(b, device=out.device) for b in buckets])] = torch.cat(chunks)
+            return out
+
+        parts = {}
+        with torch_linear():
             for name, model in (("old_logprobs", self.actor), ("ref_logprobs", self.reference)):
-                logits = response_logits(model, seq, mask, prompt_len, self.temperature)
-                parts[name].append(logprobs_from_logits(logits, labels[rows]))
-                del logits
-            parts["values"].append(response_values(self.critic, seq, mask, prompt_len))
-            questions, answers = decode_rollout(self.policy_tokenizer, seq[:, :prompt_len], prompt_mask[rows],
-                                                labels[rows], response_mask[rows])
-            parts["scores"].append(score_pairs(self.reward, self.reward_tokenizer, questions, answers,
-                                               self.reward_max_len).to(seq.device))
+                with gathered(model):
+                    parts[name] = in_row_order([logprobs_from_logits(
+                        response_logits(model, sequences[b], attention_mask[b], prompt_len, self.temperature),
+                        labels[b]) for b in by_prompt], by_prompt)
+            with gathered(self.critic):
+                parts["values"] = in_row_order([response_values(self.critic, sequences[b], attention_mask[b],
+                                                                prompt_len) for b in by_prompt], by_prompt)
+            with gathered(self.reward):
+                parts["scores"] = in_row_order([score_pairs(
+                    self.reward, self.reward_tokenizer, [questions[i] for i in b], [answers[i] for i in b],
+                    self.reward_max_len).to(sequences.device) for b in by_text], by_text)
         return Experience(sequences=sequences, attention_mask=attention_mask,
-                          response_mask=response_mask.float(), **{k: torch.cat(v) for k, v in parts.items()})
+                          response_mask=response_mask.float(), **parts)

@@ -8,6 +8,15 @@ collective at all, so each rank stops as soon as its own rows are done (``synced
 on 2 CPU ranks: ~4x faster than partitioned generation, identical tokens. The partitioned path stays
 available (``naive=True``) for benchmarks and for models too big to gather on one device.
 
+Loading a model under ZeRO-3 (``zero.Init`` with ``memory_efficient_linear``, DeepSpeed's default) replaces
+``torch.nn.functional.linear`` for the whole process with ``zero3_linear_wrap``, an autograd Function that
+saves less for backward but costs ~75 us of Python per call (measured on the CPU), every linear layer of every
+token. Without grad it saves nothing, so ``torch_linear()`` puts torch's own linear back for the no-grad
+phases (generation here, the experience forwards in experience.py); training forwards keep DeepSpeed's.
+While the parameters are gathered, the engine's own forward hooks (which walk every module twice per forward
+under ZeRO-3 to flag external parameters, i.e. twice per generated token) are also suspended: nothing is
+partitioned, so there is nothing to discover.
+
 Shapes: B prompts, P prompt tokens (left-padded), R = max_new_tokens.
 """
 from __future__ import annotations
@@ -18,6 +27,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from deepspeed.runtime.zero import unwrap_model_for_generation
+from deepspeed.runtime.zero.linear import zero3_linear_wrap
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 
@@ -32,6 +42,52 @@ def response_mask_from_tokens(response_ids: torch.Tensor,
     is_eos = torch.isin(response_ids, eos_ids).long()
     eos_before = is_eos.cumsum(-1) - is_eos
     return (eos_before == 0).long()
+
+
+@contextlib.contextmanager
+def torch_linear():
+    """Inside: ``torch.nn.functional.linear`` is torch's own, even where ZeRO-3 loading replaced it with
+    ``zero3_linear_wrap`` (same maths, no Python autograd Function per call). Meant for no-grad forwards:
+    with grad, DeepSpeed's version is the one whose backward ZeRO-3 was configured for. Any other
+    replacement (e.g. ZeRO++ quantized weights) is left alone."""
+    if F.linear is not zero3_linear_wrap:
+        yield
+        return
+    F.linear = torch._C._nn.linear
+    try:
+        yield
+    finally:
+        F.linear = zero3_linear_wrap
+
+
+@contextlib.contextmanager
+def _engine_forward_hooks_off(engine):
+    """Suspend the DeepSpeed engine's forward pre/post hooks on its module (the way DeepSpeed itself does for
+    DeepCompile), re-creating them on exit; a no-op on an engine without them."""
+    pre, post = getattr(engine, "module_forward_pre_hook", None), getattr(engine, "module_forward_post_hook", None)
+    if pre is None or post is None or not hasattr(engine, "_create_module_forward_post_hook"):
+        yield
+        return
+    pre.remove()
+    post.remove()
+    try:
+        yield
+    finally:
+        engine.module_forward_pre_hook = engine._create_module_forward_pre_hook()
+        engine.module_forward_post_hook = engine._create_module_forward_post_hook()
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Inside: a ZeRO-3 engine's parameters gathered once and its per-forward hooks off, so
+    any number of no-grad forwards run as on an unpartitioned model; a collective, every rank enters it.
+    Anything else (a ZeRO-0/1/2 engine, a plain module) is left as it is. Parameters must not change inside."""
+    partitioned = getattr(model, "zero_optimization_partition_weights", None)
+    if partitioned is None or not partitioned():
+        yield
+        return
+    with unwrap_model_for_generation(model), _engine_forward_hooks_off(model):
+        yield
 
 
 @contextlib.contextmanager
@@ -85,8 +141,8 @@ class HybridEngine:
         self.engine.eval()  # no dropout; HF also skips gradient checkpointing outside training
         gather = self.partitioned and not naive
         try:
-            with _seeded(generator_seed, input_ids.device):
-                with unwrap_model_for_generation(self.engine) if gather else contextlib.nullcontext():
+            with _seeded(generator_seed, input_ids.device), torch_linear():
+                with gathered(self.engine) if gather else contextlib.nullcontext():
                     sequences = self.engine.module.generate(
                         input_ids=input_ids, attention_mask=attention_mask,
                         synced_gpus=self.partitioned and naive)

@@ -1,0 +1,251 @@
+"""launch/bench.py and rlhf_ds/benchmark.py: behaviour, never timings.
+
+One end-to-end run of the benchmark at its smallest size (tiny random models of the test fixtures, 1 PPO
+iteration of 4 prompts x 8 tokens; the generation comparison on 2 ranks through the deepspeed launcher where
+the machine can start them, else on 1), the comparison of two result files, and the FLOPs formula on
+hand-computed cases.
+"""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen2ForCausalLM
+
+from rlhf_ds import benchmark
+from rlhf_ds.models import CriticModel, tiny_qwen2_config
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "launch" / "bench.py"
+REQUIRED = ("generation_naive_zero3_s", "generation_hybrid_zero3_s", "generation_zero2_s", "generation_s",
+            "experience_s", "update_s", "iteration_s", "generation_tokens_per_s", "experience_tokens_per_s",
+            "update_tokens_per_s", "peak_memory_mb", "update_mfu", "matmul_peak_gflops", "update_gflop",
+            "generation_ratio_hybrid_over_zero2", "generation_ratio_naive_over_hybrid",
+            "experience_batched_s", "experience_per_sequence_s", "experience_ratio_per_sequence_over_batched",
+            "loadavg_main", "loadavg_generation")
+
+
+def _fixture_models(root: Path) -> dict:
+    spec = importlib.util.spec_from_file_location("dist_fixtures", REPO / "tests" / "dist" / "fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_models(str(root))
+
+
+def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    # One torch thread per rank: several spinning OpenMP threads on a shared CPU can slow a run 30x, and the
+    # tests check what the benchmark reports, not how fast it is.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(BENCH), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+# --- one real run --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """The whole benchmark at its smallest: 2 ranks for the generation comparison on a CPU or a 2-GPU machine."""
+    tmp = tmp_path_factory.mktemp("bench")
+    models = _fixture_models(tmp / "models")
+    out = tmp / "figures.json"
+    proc = _run("--quick", "--json", str(out), "--policy_model", models["policy"], "--reward_model", models["reward"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_json_is_one_flat_object_with_the_required_positive_figures(quick_run):
+    figures, _ = quick_run
+    assert all(not isinstance(v, (dict, list)) for v in figures.values())
+    for key in REQUIRED:
+        assert key in figures, key
+    for key, value in figures.items():
+        if key.endswith(("_s", "_mb", "_gflops", "_gflop", "_mfu")) or "_ratio_" in key:
+            assert isinstance(value, float) and value > 0 and math.isfinite(value), (key, value)
+    assert figures["iterations"] == 1 and figures["rollout_batch_size"] == 4 and figures["max_new_tokens"] == 8
+
+
+def test_generation_comparison_is_like_for_like(quick_run):
+    figures, _ = quick_run
+    assert figures["generation_fixed_length"] == 1  # every row generated max_new_tokens tokens in all three modes
+    assert figures["generation_same_tokens"] == 1  # same prompts, same seed, same weights: the same samples
+    expected_ranks = 2 if not torch.cuda.is_available() else min(2, torch.cuda.device_count())
+    assert figures["generation_ranks"] == figures["ranks"] == expected_ranks
+    ratio = figures["generation_hybrid_zero3_s"] / figures["generation_zero2_s"]
+    assert figures["generation_ratio_hybrid_over_zero2"] == pytest.approx(ratio)
+    if expected_ranks == 2:
+        assert figures["ranks2_iteration_s"] > 0 and figures["ranks2_tokens_per_s"] > 0
+
+
+def test_scaling_grid_and_table(quick_run):
+    figures, table = quick_run
+    for b, r in ((4, 8), (2, 8), (4, 4)):  # the configured point, half the batch, half the length
+        assert figures[f"scaling_b{b}_r{r}_iteration_s"] > 0
+    assert "hybrid/zero2" in table and "target <= 1.15" in table and "target >= 3.0" in table
+    assert "MFU" in table and "loadavg" in table
+
+
+# --- --compare -----------------------------------------------------------------------------------------------
+
+def test_compare_flags_only_regressions_beyond_the_threshold(tmp_path):
+    old = {"generation_s": 1.0, "update_s": 2.0, "iteration_tokens_per_s": 100.0, "update_mfu": 0.2,
+           "peak_memory_mb": 500.0, "generation_ratio_naive_over_hybrid": 4.0, "loadavg_main": 0.5,
+           "zero_stage": 2, "model": "embedded", "experience_s": 1.0}
+    new = {**old, "generation_s": 1.2, "update_s": 2.1, "iteration_tokens_per_s": 95.0, "update_mfu": 0.1,
+           "peak_memory_mb": 400.0, "generation_ratio_naive_over_hybrid": 3.0, "loadavg_main": 3.0,
+           "experience_s": 0.5}
+    rows, regressions = benchmark.compare(old, new)
+    flags = {key: flag for key, _, _, _, flag in rows}
+    assert set(regressions) == {"generation_s", "update_mfu", "generation_ratio_naive_over_hybrid"}
+    assert flags["update_s"] == "" and flags["iteration_tokens_per_s"] == ""  # 5% worse: inside the threshold
+    assert flags["experience_s"] == "improved" and flags["peak_memory_mb"] == "improved"
+    assert flags["loadavg_main"] == "" and flags["zero_stage"] == ""  # facts, not figures
+    ratios = {key: ratio for key, _, _, ratio, _ in rows}
+    assert ratios["generation_s"] == pytest.approx(1.2)
+
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    proc = _run("--compare", str(tmp_path / "old.json"), str(tmp_path / "new.json"), timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip()}
+    assert lines["generation_s"].endswith("REGRESSION") and "1.200" in lines["generation_s"]
+    assert "REGRESSION" not in lines["update_s"]
+    assert "3 regression(s)" in proc.stdout
+    assert benchmark.compare(old, old)[1] == []
+
+
+def test_direction_of_each_kind_of_figure():
+    assert benchmark.direction("update_s") == "lower"
+    assert benchmark.direction("generation_zero2_cpu_s") == "lower"
+    assert benchmark.direction("peak_rss_mb") == "lower"
+    assert benchmark.direction("generation_tokens_per_s") == "higher"
+    assert benchmark.direction("update_mfu") == "higher"
+    assert benchmark.direction("generation_ratio_hybrid_over_zero2") == "lower"
+    assert benchmark.direction("generation_cpu_ratio_naive_over_hybrid") == "higher"
+    assert benchmark.direction("experience_ratio_per_sequence_over_batched") is None
+    for fact in ("loadavg_main", "matmul_peak_gflops", "rollout_batch_size", "torch_version"):
+        assert benchmark.direction(fact) is None
+
+
+# --- FLOPs ---------------------------------------------------------------------------------------------------
+
+def test_forward_backward_flops_hand_computed():
+    # body 10 params x 2 rows x 3 tokens x 6 = 360; head 5 params x 2 rows x 1 position x 6 = 60;
+    # attention 12 x 2 layers x width 4 x context 3 x 6 tokens = 1728.
+    assert benchmark.forward_backward_flops(10, 2, 3, head_params=5, head_positions=1, layers=2,
+                                            attention_width=4) == 360 + 60 + 1728
+    assert benchmark.forward_backward_flops(1000, 4, 16) == 6 * 1000 * 64
+
+
+def _tiny_qwen2(vocab: int = 50, hidden: int = 16) -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(tiny_qwen2_config(vocab, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+                                              hidden_size=hidden))
+
+
+def test_flop_params_leave_out_the_embedding_lookup_and_count_a_tied_head_once():
+    policy = _tiny_qwen2()
+    total = sum(p.numel() for p in policy.parameters())  # tied: the embedding is counted once here
+    body, head = benchmark.flop_params(policy)
+    assert head == 50 * 16 and body == total - 50 * 16
+    critic = CriticModel(_tiny_qwen2().model)
+    critic_body, critic_head = benchmark.flop_params(critic)
+    assert critic_head == 0 and critic_body == body + 16 + 1  # the same backbone, plus the value head
+    assert benchmark.attention_dims(policy) == (2, 16) and benchmark.attention_dims(critic) == (2, 16)
+
+
+def test_update_flops_sums_actor_and_critic_over_epochs():
+    policy, critic = _tiny_qwen2(), CriticModel(_tiny_qwen2().model)
+    body, head = benchmark.flop_params(policy)
+    rows, seq_len, response_len, epochs = 8, 20, 5, 2
+    actor = 6 * body * rows * seq_len + 6 * head * rows * response_len + 12 * 2 * 16 * seq_len * rows * seq_len
+    value = 6 * (body + 17) * rows * seq_len + 12 * 2 * 16 * seq_len * rows * seq_len
+    assert benchmark.update_flops(policy, critic, rows, seq_len, response_len, epochs) == epochs * (actor + value)
+
+
+def test_matmul_peak_and_memory_are_positive():
+    peak, n = benchmark.matmul_peak_flops(torch.float32, torch.device("cpu"), max_n=256, repeats=1)
+    assert peak > 0 and n == 256
+    assert benchmark.peak_memory_mb(torch.device("cpu")) > 0
+    assert benchmark.mfu(2e9, 2.0, 1e10) == pytest.approx(0.1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_qwen2_0_5b_is_refused_on_a_cpu_with_one_line():
+    proc = _run("--model", "qwen2-0.5b", timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "GPU" in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_bad_override_is_a_one_line_error():
+    proc = _run("--rollout_batch_size", "3", "--mini_batch_size", "2", timeout=120)
+    assert proc.returncode == 2 and "rollout_batch_size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- the optimisations keep behaviour ---------------------------------------------------------------------------
+
+def test_torch_linear_undoes_only_deepspeeds_zero3_linear_and_restores_it():
+    import torch.nn.functional as F
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    from rlhf_ds.hybrid import torch_linear
+
+    original = F.linear
+    try:
+        F.linear = zero3_linear_wrap  # what loading a model under ZeRO-3 does to the whole process
+        with torch_linear():
+            assert F.linear is torch._C._nn.linear
+        assert F.linear is zero3_linear_wrap
+        with pytest.raises(RuntimeError), torch_linear():
+            raise RuntimeError("boom")
+        assert F.linear is zero3_linear_wrap
+
+        def other(*args):  # someone else's replacement is not ours to undo
+            return original(*args)
+
+        F.linear = other
+        with torch_linear():
+            assert F.linear is other
+    finally:
+        F.linear = original
+
+
+def test_gathered_leaves_a_plain_module_alone():
+    from rlhf_ds.hybrid import gathered
+
+    model = torch.nn.Linear(2, 2)
+    with gathered(model):
+        assert model(torch.ones(1, 2)).shape == (1, 2)
+
+
+def test_response_logits_ignore_shared_left_padding_and_skip_prompt_logits():
+    from rlhf_ds.experience import response_logits, response_values
+    from rlhf_ds.models import position_ids_from_mask
+
+    policy = _tiny_qwen2().eval()
+    critic = CriticModel(_tiny_qwen2().model).eval()
+    torch.nn.init.normal_(critic.value_head.weight)
+    prompt = torch.tensor([[5, 6, 7], [0, 8, 9]])
+    prompt_mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    response = torch.tensor([[10, 11], [12, 13]])
+    padded_prompt = torch.cat([torch.zeros(2, 4, dtype=torch.long), prompt], 1)  # 4 columns nobody uses
+    padded_mask = torch.cat([torch.zeros(2, 4, dtype=torch.long), prompt_mask], 1)
+    with torch.no_grad():
+        for ids, mask in ((prompt, prompt_mask), (padded_prompt, padded_mask)):
+            seq, full_mask = torch.cat([ids, response], 1), torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], 1)
+            logits = response_logits(policy, seq, full_mask, ids.shape[1], temperature=0.5)
+            values = response_values(critic, seq, full_mask, ids.shape[1])
+            # the plain way: all positions' logits, then the ones that predict the response
+            reference = policy(input_ids=seq, attention_mask=full_mask,
+                               position_ids=position_ids_from_mask(full_mask)).logits[:, ids.shape[1] - 1:-1] / 0.5
+            assert logits.shape == (2, 2, 50) and values.shape == (2, 2)
+            torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+            if ids is prompt:
+                unpadded_logits, unpadded_values = logits, values
+        torch.testing.assert_close(logits, unpadded_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(values, unpadded_values, rtol=1e-5, atol=1e-5)

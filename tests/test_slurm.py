@@ -309,24 +309,31 @@ def real_run(slurm, tmp_path):
 
 # --- real training runs ---------------------------------------------------------------------------------------
 
-def test_time_limit_warning_checkpoints_requeues_and_resumes(real_run):
-    """SIGUSR1 (--signal=B:USR1@120) -> SIGTERM to the ranks -> checkpoint, exit 0 -> requeue -> --resume auto."""
-    env, state, out = real_run
-    args = [*TINY, "--iterations", str(LONG)]
-    job = BatchJob(SRUN_SCRIPT, env, *args)
+def _stop_at_time_limit_warning(script: Path, env: dict, args: list[str], out: Path) -> tuple[str, int]:
+    """Start a batch job, send the time-limit warning (SIGUSR1) after its first iteration and check that it
+    stopped early with a complete checkpoint; returns (output, iterations completed)."""
+    job = BatchJob(script, env, *args)
     _wait_for(lambda: len(_metrics(out)) >= 1, "first iteration", job)
     job.signal(signal.SIGUSR1)
     rc, output = job.finish()
     assert rc == 0, output[-6000:]
-    # srun started `python launch/train.py` twice with only SLURM variables + MASTER_ADDR/PORT: two ranks.
     assert "rlhf-ds: 2 rank(s)" in output and "SIGTERM received: stopped after iteration" in output
+    stopped_at = len(_metrics(out))
+    assert 1 <= stopped_at < LONG, "the run should have stopped early"
+    assert (out / "checkpoints" / f"iter_{stopped_at:07d}" / "manifest.json").is_file()
+    return output, stopped_at
+
+
+def test_time_limit_warning_checkpoints_requeues_and_resumes(real_run):
+    """SIGUSR1 (--signal=B:USR1@120) -> SIGTERM to the ranks -> checkpoint, exit 0 -> requeue -> --resume auto."""
+    env, state, out = real_run
+    args = [*TINY, "--iterations", str(LONG)]
+    _, stopped_at = _stop_at_time_limit_warning(SRUN_SCRIPT, env, args, out)
+    # srun started `python launch/train.py` twice with only SLURM variables + MASTER_ADDR/PORT: two ranks.
     assert f"srun nodes=1 ntasks=2 {sys.executable} -u launch/train.py" in "\n".join(_commands(state))
     config = json.loads((out / "config.json").read_text())
     assert (config["output_dir"], config["resume"], config["iterations"]) == (str(out), "auto", LONG)
     assert config["max_new_tokens"] == 8 and config["kl_coef_max"] == 2.0  # the override and the CONFIG file
-    stopped_at = len(_metrics(out))
-    assert 1 <= stopped_at < LONG, "the run should have stopped early"
-    assert (out / "checkpoints" / f"iter_{stopped_at:07d}" / "manifest.json").is_file()
     assert _commands(state)[-2:] == [f"scancel --signal=TERM {JOB_ID}", f"scontrol requeue {JOB_ID}"]
 
     # The requeued job: same script and arguments, SLURM_RESTART_COUNT=1; --iterations (a change resume allows)
@@ -346,16 +353,8 @@ def test_deepspeed_script_one_node_two_ranks_checkpoints_on_time_limit(real_run)
     env, state, out = real_run
     env.pop("SLURM_NTASKS")  # one task per node: the script's own srun options
     args = [*TINY, "--iterations", str(LONG)]
-    job = BatchJob(DEEPSPEED_SCRIPT, env, *args)
-    _wait_for(lambda: len(_metrics(out)) >= 1, "first iteration", job)
-    job.signal(signal.SIGUSR1)
-    rc, output = job.finish()
-    assert rc == 0, output[-6000:]
+    _, stopped_at = _stop_at_time_limit_warning(DEEPSPEED_SCRIPT, env, args, out)
     assert Path(env["HOSTFILE"]).read_text() == "localhost slots=2\n"
-    assert "rlhf-ds: 2 rank(s)" in output and "SIGTERM received: stopped after iteration" in output
-    stopped_at = len(_metrics(out))
-    assert 1 <= stopped_at < LONG, "the run should have stopped early"
-    assert (out / "checkpoints" / f"iter_{stopped_at:07d}" / "manifest.json").is_file()
     # The launcher exits 1 after forwarding SIGTERM although its ranks exited 0: the job is requeued all the same.
     commands = _commands(state)
     assert f"scancel --signal=TERM {JOB_ID}" in commands and commands[-1] == f"scontrol requeue {JOB_ID}"

@@ -231,7 +231,7 @@ def _generation_section(config, policy_path: str, prompts, args, figures: dict) 
     # in a process of their own ZeRO stage.
     linear = torch.nn.functional.linear
     tokenizer = load_tokenizer(policy_path, config.trust_remote_code)
-    generators, keep_alive = {}, []
+    engines, keep_alive = {}, []
     for stage in (2, 3):
         stage_config = dataclasses.replace(config, zero_stage=stage, offload_params=False,
                                            offload_optimizer=False)
@@ -239,27 +239,30 @@ def _generation_section(config, policy_path: str, prompts, args, figures: dict) 
         if stage == 3:  # from_pretrained loads partitioned while this object lives
             keep_alive.append(HfDeepSpeedConfig(copy.deepcopy(ds)))
         model = load_policy(policy_path, resolve_precision(stage_config), config.trust_remote_code)
-        engine, *_ = deepspeed.initialize(model=model, config=ds)
-        generators[stage] = HybridEngine(engine, tokenizer, config.max_new_tokens, config.temperature,
-                                         config.top_k, config.top_p)
-        _fixed_length(generators[stage])
-    device = generators[2].engine.device
+        engines[stage], *_ = deepspeed.initialize(model=model, config=ds)
+    # One generator per mode; the two ZeRO-3 ones share the engine.
+    generators = {mode: HybridEngine(engines[stage], tokenizer, config.max_new_tokens, config.temperature,
+                                     config.top_k, config.top_p, zero3_generation)
+                  for mode, stage, zero3_generation in (("zero2", 2, "auto"), ("hybrid_zero3", 3, "gathered"),
+                                                        ("naive_zero3", 3, "partitioned"))}
+    for generator in generators.values():
+        _fixed_length(generator)
+    device = engines[2].device
     loader = PromptLoader(prompts, config.rollout_batch_size, config.seed, get_rank(), world)
     batch = {k: v.to(device) for k, v in PromptCollator(tokenizer, config.max_prompt_len)(next(iter(loader))).items()}
     seed = config.seed + get_rank()
     outputs = {}
 
-    def run(name, generator, naive=False):
+    def run(name):
         # ZeRO-2 runs with torch's own linear, as in a process that never loaded a ZeRO-3 model (loading one
         # replaces torch.nn.functional.linear process-wide; see rlhf_ds/hybrid.py).
         def call():
             with torch_linear() if name == "zero2" else contextlib.nullcontext():
-                outputs[name] = generator.generate(batch["input_ids"], batch["attention_mask"],
-                                                   generator_seed=seed, naive=naive)
+                outputs[name] = generators[name].generate(batch["input_ids"], batch["attention_mask"],
+                                                          generator_seed=seed)
         return call
 
-    modes = {"zero2": run("zero2", generators[2]), "hybrid_zero3": run("hybrid_zero3", generators[3]),
-             "naive_zero3": run("naive_zero3", generators[3], naive=True)}
+    modes = {name: run(name) for name in generators}
     seconds = benchmark.interleaved_medians(modes, args.repeats, device, before=barrier, warmup=_warmup(args))
     # The slowest rank sets the pace of a step: report the maximum over ranks.
     slowest = torch.tensor([value for mode in modes for value in seconds[mode]], dtype=torch.float64, device=device)
@@ -277,9 +280,10 @@ def _generation_section(config, policy_path: str, prompts, args, figures: dict) 
     figures["generation_same_tokens"] = int(all(torch.equal(outputs[m][0], outputs["zero2"][0]) for m in modes))
     figures["generation_ranks"] = world
     figures["generation_prompt_len"] = batch["input_ids"].shape[1]
-    for generator in generators.values():
-        if hasattr(generator.engine, "destroy"):
-            generator.engine.destroy()
+    for engine in engines.values():
+        if hasattr(engine, "destroy"):
+            engine.destroy()
+    engines.clear()
     generators.clear()
     keep_alive.clear()
     gc.collect()

@@ -43,9 +43,11 @@ STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 TRAINED_ROLES = ("actor", "critic")
 _NAME = re.compile(r"^iter_(\d+)$")
-# Fields that may change between a run and its resume without breaking exactness.
+# Fields that may change between a run and its resume without breaking exactness (zero3_generation:
+# gathered and partitioned generation sample the same tokens).
 RESUMABLE_CHANGES = ("iterations", "output_dir", "save_interval", "keep_checkpoints", "resume", "force_resume",
-                     "log_interval", "tensorboard", "wandb", "wandb_project", "max_skipped_batches")
+                     "log_interval", "tensorboard", "wandb", "wandb_project", "max_skipped_batches",
+                     "zero3_generation")
 
 
 class CheckpointError(RuntimeError):

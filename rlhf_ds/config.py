@@ -18,6 +18,7 @@ from rlhf_ds.kl_control import KL_CONTROLLERS
 from rlhf_ds.ppo import KL_ESTIMATORS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ZERO3_GENERATION = ("auto", "gathered", "partitioned")
 REAL_POLICY = "Qwen/Qwen2-0.5B"
 REAL_REWARD = "OpenAssistant/reward-model-deberta-v3-large-v2"
 REAL_DATASET = "Anthropic/hh-rlhf"
@@ -87,6 +88,8 @@ class PPOConfig:
     offload_params: bool = _doc(False, "ZeRO-3 CPU offload of parameters (also for reference and reward)")
     precision: str = _doc("auto", "auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16")
     gradient_checkpointing: bool = _doc(False, "recompute activations in backward (saves memory)")
+    zero3_generation: str = _doc("auto", "ZeRO-3 generation: gathered (fast: the whole actor on each rank), "
+                                 "partitioned (slow, least memory), auto (gathered when it fits in free memory)")
     ds_config: Optional[str] = _doc(None, "your own DeepSpeed JSON for actor/critic (batch fields filled in)")
     seed: int = _doc(42, "random seed (each rank samples with seed + rank)")
     output_dir: str = _doc("runs/ppo", "where config, metrics.jsonl and checkpoints go")
@@ -147,6 +150,8 @@ class PPOConfig:
         need(self.zero_stage in (0, 1, 2, 3), "zero_stage", "choose 0, 1, 2 or 3")
         need(not self.offload_params or self.zero_stage == 3, "offload_params", "parameter offload needs zero_stage=3")
         need(self.precision in PRECISIONS, "precision", f"choose one of {', '.join(PRECISIONS)}")
+        need(self.zero3_generation in ZERO3_GENERATION, "zero3_generation",
+             f"choose one of {', '.join(ZERO3_GENERATION)}")
         need(self.save_interval >= 0, "save_interval", "use >= 0 (0 = only at the end)")
         need(self.log_interval >= 1, "log_interval", "use >= 1")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "keep at least 1 checkpoint")

@@ -61,7 +61,8 @@ def _set_single_process_env() -> None:
         os.environ[name] = defaults[name] if name in defaults else str(_free_port())
 
 
-def _local_world_size() -> int:
+def local_world_size() -> int:
+    """Ranks on this host (the launcher's or SLURM's count; 1 outside a launcher)."""
     for name in _LOCAL_WORLD_SIZE_VARS:
         if name in os.environ:
             return int(os.environ[name])
@@ -83,7 +84,7 @@ def _set_torch_threads() -> None:
     """
     if "OMP_NUM_THREADS" in os.environ:
         return
-    torch.set_num_threads(max(1, _available_cpus() // _local_world_size()))
+    torch.set_num_threads(max(1, _available_cpus() // local_world_size()))
 
 
 def init_distributed() -> None:
@@ -147,6 +148,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on at least one rank, the same answer everywhere (every rank must call it)."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
 
 
 def _masked_sums(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

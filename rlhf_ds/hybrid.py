@@ -6,7 +6,10 @@ slowest finishes (``synced_gpus``). ``deepspeed.runtime.zero.unwrap_model_for_ge
 parameters once per call and removes ZeRO's module hooks while generating; the forward then contains no
 collective at all, so each rank stops as soon as its own rows are done (``synced_gpus=False``). Measured
 on 2 CPU ranks: ~4x faster than partitioned generation, identical tokens. The partitioned path stays
-available (``naive=True``) for benchmarks and for models too big to gather on one device.
+available for benchmarks and for models too big to gather on one device: ``zero3_generation`` chooses
+"gathered", "partitioned", or "auto" (the default), which gathers only when the whole actor plus the
+generation's KV cache and working set fits in every rank's free memory (``generation_memory_bytes``) and
+otherwise generates partitioned for that call, with a warning and a count (``partitioned_calls``).
 
 Loading a model under ZeRO-3 (``zero.Init`` with ``memory_efficient_linear``, DeepSpeed's default) replaces
 ``torch.nn.functional.linear`` for the whole process with ``zero3_linear_wrap``, an autograd Function that
@@ -22,13 +25,19 @@ Shapes: B prompts, P prompt tokens (left-padded), R = max_new_tokens.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero import unwrap_model_for_generation
 from deepspeed.runtime.zero.linear import zero3_linear_wrap
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from rlhf_ds.config import ZERO3_GENERATION
+from rlhf_ds.distributed import any_rank, is_main_process, local_world_size
 
 
 def response_mask_from_tokens(response_ids: torch.Tensor,
@@ -90,6 +99,41 @@ def gathered(model):
         yield
 
 
+def gather_bytes(model: torch.nn.Module) -> int:
+    """Bytes a ZeRO-3 gather allocates on each rank: every parameter not already held whole, at full size
+    (its shard stays allocated too). 0 for an unpartitioned model."""
+    return sum(p.ds_numel * p.element_size() for p in model.parameters()
+               if hasattr(p, "ds_numel") and p.ds_status != ZeroParamStatus.AVAILABLE)
+
+
+def generation_memory_bytes(model_config, dtype: torch.dtype, batch: int, prompt_len: int,
+                            max_new_tokens: int) -> int:
+    """What ``generate`` itself allocates, partitioned or not, estimated from the architecture:
+
+    KV cache   2 (K, V) x layers x B x (P + R) x kv_heads x head_dim, in the model's dtype
+    prefill    3 x B x P x intermediate_size (the MLP's gate, up and product), in the model's dtype
+    sampling   2 x B x vocab float32 (the last position's logits and their softmax)
+    """
+    elem = torch.empty((), dtype=dtype).element_size()
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    kv_cache = 2 * model_config.num_hidden_layers * batch * (prompt_len + max_new_tokens) * kv_heads * head_dim
+    prefill = 3 * batch * prompt_len * model_config.intermediate_size
+    return (kv_cache + prefill) * elem + 2 * batch * model_config.vocab_size * 4
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Bytes this rank can still allocate. GPU: the driver's free memory plus what torch's caching allocator
+    holds unused. CPU: the host's available memory split between the ranks on it (all gather at once)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        return get_accelerator().available_memory() // local_world_size()
+    return get_accelerator().available_memory(device.index)
+
+
 @contextlib.contextmanager
 def _seeded(seed: Optional[int], device: torch.device):
     """Sample from ``seed`` without disturbing the global RNG streams (None: use them as they are)."""
@@ -107,11 +151,18 @@ class HybridEngine:
     The actor's ``generation_config`` is replaced by one holding only our sampling settings, so a
     checkpoint's own generation_config.json (repetition penalty, ...) cannot bend the sampling
     distribution away from softmax(logits / temperature) (+ top-k/top-p) that PPO's log-probs assume.
+    ``last_generation`` says how the latest call ran: "unpartitioned" (ZeRO-0/1/2), "gathered" or
+    "partitioned" (ZeRO-3).
     """
 
     def __init__(self, actor_engine, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, zero3_generation: str = "auto"):
+        if zero3_generation not in ZERO3_GENERATION:
+            raise ValueError(f"zero3_generation={zero3_generation!r}: choose one of {', '.join(ZERO3_GENERATION)}")
         self.engine = actor_engine
+        self.zero3_generation = zero3_generation
+        self.last_generation: Optional[str] = None
+        self.partitioned_calls = 0  # "auto" calls that fell back to partitioned generation
         self.max_new_tokens = max_new_tokens
         self.pad_token_id = tokenizer.pad_token_id
         self.eos_token_id = tokenizer.eos_token_id
@@ -122,30 +173,49 @@ class HybridEngine:
         )
 
     @property
-    def partitioned(self) -> bool:
+    def zero3(self) -> bool:
         """True under ZeRO-3, where each rank holds only a shard of every parameter."""
         return self.engine.zero_optimization_partition_weights()
 
+    def _mode(self, input_ids: torch.Tensor) -> str:
+        """How this call generates; under ZeRO-3 "auto" the answer is agreed by all ranks (a collective)."""
+        if not self.zero3:
+            return "unpartitioned"
+        if self.zero3_generation != "auto":
+            return self.zero3_generation
+        module = self.engine.module
+        need = gather_bytes(module) + generation_memory_bytes(module.config, module.dtype, *input_ids.shape,
+                                                              self.max_new_tokens)
+        free = free_memory_bytes(input_ids.device)
+        if not any_rank(need > free, input_ids.device):
+            return "gathered"
+        if self.partitioned_calls == 0 and is_main_process():
+            warnings.warn(f"zero3_generation=auto: gathering the actor to generate needs ~{need / 2**30:.2f} GiB "
+                          f"per rank and a rank has less free (rank 0: {free / 2**30:.2f} GiB); generating "
+                          "partitioned (several times slower). Free memory (smaller rollout_batch_size, "
+                          "offload_params) or set zero3_generation=partitioned to silence this.", stacklevel=3)
+        self.partitioned_calls += 1
+        return "partitioned"
+
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator_seed: Optional[int] = None,
-                 naive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 generator_seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample one response per prompt.
 
         input_ids, attention_mask: (B, P), left-padded. Returns sequences (B, P + R) (prompt, then the
         response padded with pad_token_id after an early stop) and response_mask (B, R) int64.
         generator_seed: sample from this seed (restoring the RNG afterwards); None uses the global RNG.
-        naive: under ZeRO-3, generate with partitioned parameters (slow; every rank steps until all finish).
-        A collective under ZeRO-3: all ranks must call it together.
+        A collective under ZeRO-3: all ranks must call it together. Partitioned generation steps every rank
+        until all have finished (``synced_gpus``); gathered generation has no collective after the gather.
         """
         was_training = self.engine.module.training
         self.engine.eval()  # no dropout; HF also skips gradient checkpointing outside training
-        gather = self.partitioned and not naive
+        self.last_generation = mode = self._mode(input_ids)
         try:
             with _seeded(generator_seed, input_ids.device), torch_linear():
-                with gathered(self.engine) if gather else contextlib.nullcontext():
+                with gathered(self.engine) if mode == "gathered" else contextlib.nullcontext():
                     sequences = self.engine.module.generate(
-                        input_ids=input_ids, attention_mask=attention_mask,
-                        synced_gpus=self.partitioned and naive)
+                        input_ids=input_ids, attention_mask=attention_mask, synced_gpus=mode == "partitioned")
         finally:
             self.engine.train(was_training)
         response = sequences[:, input_ids.shape[1]:]

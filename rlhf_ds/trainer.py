@@ -17,8 +17,8 @@ from rlhf_ds import ppo
 from rlhf_ds.checkpoint import export_model, load_checkpoint, save_checkpoint
 from rlhf_ds.config import PPOConfig
 from rlhf_ds.data import PromptCollator, PromptLoader
-from rlhf_ds.distributed import (all_reduce_mean, all_reduce_sum, get_rank, get_world_size, global_masked_mean,
-                                 global_masked_whiten, is_main_process)
+from rlhf_ds.distributed import (all_reduce_mean, all_reduce_sum, any_rank, get_rank, get_world_size,
+                                 global_masked_mean, global_masked_whiten, is_main_process)
 from rlhf_ds.engines import Engines
 from rlhf_ds.experience import Experience, ExperienceMaker, response_logits, response_values
 from rlhf_ds.hybrid import HybridEngine
@@ -45,11 +45,6 @@ class PhaseTimer:
         self._start = now
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` is true on at least one rank (every rank must call it)."""
-    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
-
-
 class PPOTrainer:
     """Runs PPO iterations on four engines; ``prompts`` are this run's training prompts (all ranks the same)."""
 
@@ -62,7 +57,7 @@ class PPOTrainer:
         self.collate = PromptCollator(tokenizer, config.max_prompt_len)
         self.loader = PromptLoader(prompts, config.rollout_batch_size, config.seed, self.rank, self.world_size)
         self.generator = HybridEngine(engines.actor, tokenizer, config.max_new_tokens, config.temperature,
-                                      config.top_k, config.top_p)
+                                      config.top_k, config.top_p, config.zero3_generation)
         self.experience_maker = ExperienceMaker(engines.actor, engines.critic, engines.reference, engines.reward,
                                                 tokenizer, engines.reward_tokenizer, config.temperature,
                                                 config.reward_max_len, config.mini_batch_size)
@@ -85,7 +80,7 @@ class PPOTrainer:
 
         exp = self.experience_maker.make(batch["attention_mask"], sequences, response_mask)
         timer.lap("experience")
-        if _any_rank(not torch.isfinite(exp.scores).all(), self.device):
+        if any_rank(not torch.isfinite(exp.scores).all(), self.device):
             return self._skip("non-finite reward score", timer)
 
         mask = exp.response_mask
@@ -114,6 +109,7 @@ class PPOTrainer:
             "response_length": mask.sum(1).mean().item(),
             "value_explained_var": ppo.explained_variance(exp.values, exp.returns, mask).item(),
             "tokens": mask.sum().item(),
+            "generation_partitioned": float(self.generator.last_generation == "partitioned"),
             **update_metrics, **timer.seconds,
         }
         metrics = all_reduce_mean(local)
@@ -133,12 +129,13 @@ class PPOTrainer:
 
         Actor: policy_loss + entropy_loss. Critic: vf_coef * value_loss. Each steps through its DeepSpeed
         engine (gradient all-reduce, clipping, ZeRO). Non-finiteness is agreed on by all ranks before any
-        backward, so no rank steps alone.
+        backward, so no rank steps alone: that is the loop's one host-device synchronisation of its own;
+        the metrics stay on the device until the end.
         """
         cfg = self.config
         actor, critic = self.engines.actor, self.engines.critic
         generator = torch.Generator().manual_seed(self._sample_seed())
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         steps = 0
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(exp.sequences.shape[0], generator=generator)
@@ -155,7 +152,7 @@ class PPOTrainer:
                 values = response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len)
                 value_loss = ppo.value_loss(values, mb.values, mb.returns, mask, cfg.clip_range_value)
                 actor_loss, critic_loss = policy_loss + entropy_loss, cfg.vf_coef * value_loss
-                if _any_rank(not bool(torch.isfinite(actor_loss) & torch.isfinite(critic_loss)), self.device):
+                if any_rank(not bool(torch.isfinite(actor_loss) & torch.isfinite(critic_loss)), self.device):
                     return None
                 actor.backward(actor_loss)
                 actor.step()
@@ -168,9 +165,9 @@ class PPOTrainer:
                 for name, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
                                     ("entropy_loss", entropy_loss), ("entropy", entropy_mean),
                                     ("clipfrac", clipfrac), ("approx_kl", approx_kl)):
-                    sums[name] = sums.get(name, 0.0) + value.item()
+                    sums[name] = sums.get(name, 0.0) + value.detach().double()  # as Python floats would sum
                 steps += 1
-        return {name: total / steps for name, total in sums.items()}
+        return dict(zip(sums, (torch.stack(list(sums.values())) / steps).tolist()))
 
     # --- helpers ------------------------------------------------------------------------------------------
     def _sample_seed(self) -> int:

@@ -245,8 +245,33 @@ def test_zero3_generation_matches_zero2(zero2_run, zero3_run):
 @pytest.mark.parametrize("run", ["zero3_run", "zero3_bf16_run"])
 def test_zero3_gathered_generation_matches_partitioned(run, request):
     for r in request.getfixturevalue(run):
+        assert r["generation"] == "gathered", "auto gathers when the actor fits"
         assert r["naive_sequences"] == r["sequences"]
         assert r["naive_response_mask"] == r["response_mask"]
+
+
+def test_zero3_auto_generation_falls_back_to_partitioned_on_every_rank(zero3_run):
+    """Rank 1 reports no free memory: both ranks generate partitioned (a lone gathering rank would hang the
+    other's synced_gpus steps), with the same tokens; rank 0 warns once."""
+    for r in zero3_run:
+        assert (r["fallback_generation"], r["fallback_calls"]) == ("partitioned", 1)
+        assert r["fallback_sequences"] == r["sequences"]
+    assert len(zero3_run[0]["fallback_warnings"]) == 1 and "zero3_generation" in zero3_run[0]["fallback_warnings"][0]
+    assert zero3_run[1]["fallback_warnings"] == []
+
+
+def test_zero2_generation_is_unpartitioned(zero2_run):
+    assert {r["generation"] for r in zero2_run} == {"unpartitioned"}
+    assert {r["gather_bytes"] for r in zero2_run} == {0}
+
+
+@pytest.mark.parametrize("run, element_size", [("zero3_run", 4), ("zero3_bf16_run", 2)])
+def test_gather_bytes_is_the_whole_partitioned_actor(run, element_size, tiny_models, request):
+    """Every parameter is partitioned (persistence threshold 0), so a gather allocates the full model."""
+    from transformers import AutoModelForCausalLM
+
+    numel = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_models / "policy").parameters())
+    assert {r["gather_bytes"] for r in request.getfixturevalue(run)} == {numel * element_size}
 
 
 def test_generated_response_mask_and_padding(zero3_run):

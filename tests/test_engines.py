@@ -1,12 +1,13 @@
 """build_ds_config: which JSON, what PPOConfig overrides, what the inference roles get (no processes)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from deepspeed.runtime.config import DeepSpeedConfig
 
 from rlhf_ds.config import PPOConfig
-from rlhf_ds.engines import _warmup_factor, build_ds_config, resolve_precision
+from rlhf_ds.engines import DS_CONFIG_DIR, _warmup_factor, build_ds_config, resolve_precision
 
 WORLD = 2
 
@@ -44,7 +45,20 @@ def test_cpu_defaults_fp32_and_torch_adamw():
     assert resolve_precision(config) == torch.float32
     ds = build_ds_config(config, "actor", WORLD)
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
-    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
+
+
+def test_the_json_chooses_the_optimizer_implementation(tmp_path):
+    """A user JSON's torch_adam / fused win over the CPU defaults (e.g. DeepSpeed's JIT-built FusedAdam)."""
+    base = json.loads((Path(DS_CONFIG_DIR) / "zero2.json").read_text())
+    for params, expected in (({"torch_adam": False}, {"torch_adam": False}),
+                             ({"fused": False}, {"torch_adam": True, "fused": False})):
+        path = tmp_path / "ds.json"
+        user = json.loads(json.dumps(base))
+        user["optimizer"]["params"].update(params)
+        path.write_text(json.dumps(user))
+        chosen = build_ds_config(_config(ds_config=str(path)), "actor", WORLD)["optimizer"]["params"]
+        assert {key: chosen[key] for key in ("torch_adam", "fused") if key in chosen} == expected
 
 
 def test_explicit_precision():

@@ -96,6 +96,38 @@ def _record_shapes(trainer, shapes: list) -> None:
     trainer.experience_maker.make = recording
 
 
+UPDATE_PARTS = ("forward", "backward", "step")
+
+
+def _record_update_parts(trainer, parts: list) -> None:
+    """Append, per update, the seconds actor and critic spent in their engines' forward, backward and step
+    (timed with a device synchronisation around each call, so on a GPU the kernels count where they ran)."""
+    update, device = trainer.update, trainer.device
+    seconds: dict = {}
+    for engine in (trainer.engines.actor, trainer.engines.critic):
+        for part in UPDATE_PARTS:
+            def call(*args, _fn=getattr(engine, part), _part=part, **kwargs):
+                if not seconds:  # outside an update (the experience forwards): untimed
+                    return _fn(*args, **kwargs)
+                benchmark.synchronize(device)
+                start = time.perf_counter()
+                result = _fn(*args, **kwargs)
+                benchmark.synchronize(device)
+                seconds[_part] += time.perf_counter() - start
+                return result
+            setattr(engine, part, call)
+
+    def recording(exp):
+        seconds.update(dict.fromkeys(UPDATE_PARTS, 0.0))
+        try:
+            return update(exp)
+        finally:
+            parts.append(dict(seconds))
+            seconds.clear()
+
+    trainer.update = recording
+
+
 def _median(history: list[dict], key: str) -> float:
     return statistics.median(m[key] for m in history)
 
@@ -109,10 +141,14 @@ def _main_section(config, engines, prompts, args, figures: dict) -> object:
     trainer = PPOTrainer(config, engines, prompts)
     shapes: list = []
     _record_shapes(trainer, shapes)
+    update_parts: list = []
+    _record_update_parts(trainer, update_parts)
     batches = iter(trainer.loader)
     _run_iterations(trainer, batches, _warmup(args))
-    del shapes[:]
+    del shapes[:], update_parts[:]
     history = _run_iterations(trainer, batches, args.iterations)
+    for part in UPDATE_PARTS:
+        figures[f"update_{part}_s"] = statistics.median(p[part] for p in update_parts)
     world = get_world_size()
     for phase in PHASES:
         figures[f"{phase}_s"] = _median(history, f"time_{phase}_s")
@@ -121,8 +157,9 @@ def _main_section(config, engines, prompts, args, figures: dict) -> object:
     response_tokens = figures["response_length"] * config.rollout_batch_size * world
     for phase in PHASES + ("iteration",):
         figures[f"{phase}_tokens_per_s"] = response_tokens / figures[f"{phase}_s"]
-    figures["peak_memory_mb"] = benchmark.peak_memory_mb(device)
-    figures["peak_rss_mb"] = benchmark.peak_rss_mb()
+    for phase in PHASES:  # the trainer's own per-phase peaks (rlhf_ds/memory.py), largest over the iterations
+        figures[f"peak_memory_{phase}_mb"] = max(m[f"peak_memory_{phase}_mb"] for m in history)
+    figures["peak_memory_mb"] = max(figures[f"peak_memory_{phase}_mb"] for phase in PHASES)
     # FLOPs of the update: each timed iteration's own (B, L, R), against its own update time.
     flops = [benchmark.update_flops(engines.actor.module, engines.critic.module, b, length, r, config.ppo_epochs)
              for b, length, r in shapes]
@@ -438,8 +475,12 @@ def format_figures(f: dict) -> str:
     for phase in PHASES + ("iteration",):
         share = f"{f[f'{phase}_s'] / f['iteration_s']:6.1%}" if phase != "iteration" else ""
         lines.append(f"  {phase:<12} {f[f'{phase}_s']:8.3f} {share:>6} {f[f'{phase}_tokens_per_s']:11.1f}")
-    memory = "RSS" if f["device"].startswith("cpu") else "torch.cuda.max_memory_allocated"
-    lines.append(f"  peak memory ({memory}): {f['peak_memory_mb']:.0f} MiB")
+    if "update_step_s" in f:
+        lines.append("  update, actor + critic engines: " + ", ".join(
+            f"{part} {f[f'update_{part}_s']:.3f} s" for part in UPDATE_PARTS) + " (optimizer step: ZeRO and AdamW)")
+    kind = "RSS" if f["device"].startswith("cpu") else "torch.cuda.max_memory_allocated"
+    lines.append(f"  peak memory per phase ({kind}): " + ", ".join(
+        f"{phase} {f[f'peak_memory_{phase}_mb']:.0f} MiB" for phase in PHASES))
     lines.append(f"  update: {f['update_gflop']:.2f} GFLOP per iteration (6 x params x tokens + attention, actor "
                  f"and critic forward+backward), matmul peak {f['matmul_peak_gflops']:.1f} GFLOP/s "
                  f"(n={f['matmul_peak_n']}), MFU {f['update_mfu']:.1%}")

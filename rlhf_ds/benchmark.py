@@ -1,4 +1,4 @@
-"""Library side of ``launch/bench.py``: model FLOPs, the machine's matmul peak, peak memory, timing, and the
+"""Library side of ``launch/bench.py``: model FLOPs, the machine's matmul peak, timing, and the
 comparison of two benchmark JSON files.
 
 Nothing here builds engines; the figures are plain numbers so that a benchmark run is one flat JSON object
@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import resource
 import statistics
 import time
 from typing import Callable, Iterable, Optional
@@ -147,19 +146,6 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, devi
             samples[name].append(timed(fn, device))
     return {name: (statistics.median(w for w, _ in values), statistics.median(c for _, c in values))
             for name, values in samples.items()}
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if os.uname().sysname == "Darwin" else peak / 1024
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak accelerator memory allocated by torch on a GPU, peak RSS on a CPU, in MiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return peak_rss_mb()
 
 
 def loadavg() -> float:

@@ -194,18 +194,26 @@ def global_masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool =
     return torch.where(mask.bool(), whitened, 0.0).to(x.dtype)
 
 
-def all_reduce_mean(metrics: dict[str, float]) -> dict[str, float]:
-    """Average scalar metrics over ranks so every rank logs identical numbers.
-
-    One float64 all-reduce for the whole dict, values ordered by sorted key. Every rank must pass the same
-    keys (a collective: different keys would mismatch sizes).
-    """
+def _all_reduce_scalars(metrics: dict[str, float], op) -> dict[str, float]:
+    """One float64 all-reduce (``op``) for the whole dict, values ordered by sorted key. Every rank must pass
+    the same keys (a collective: different keys would mismatch sizes)."""
+    keys = sorted(metrics)
     if get_world_size() == 1:
-        return {key: float(metrics[key]) for key in sorted(metrics)}
+        return {key: float(metrics[key]) for key in keys}
     from deepspeed.accelerator import get_accelerator
 
-    keys = sorted(metrics)
     values = torch.tensor([float(metrics[key]) for key in keys], dtype=torch.float64,
                           device=get_accelerator().current_device_name())
-    all_reduce_sum(values).div_(get_world_size())
+    dist.all_reduce(values, op=op)
     return dict(zip(keys, values.tolist()))
+
+
+def all_reduce_mean(metrics: dict[str, float]) -> dict[str, float]:
+    """Average scalar metrics over ranks so every rank logs identical numbers."""
+    return {key: value / get_world_size()
+            for key, value in _all_reduce_scalars(metrics, dist.ReduceOp.SUM).items()}
+
+
+def all_reduce_max(metrics: dict[str, float]) -> dict[str, float]:
+    """The largest value over ranks of each metric (e.g. peak memory: the rank closest to running out)."""
+    return _all_reduce_scalars(metrics, dist.ReduceOp.MAX)

@@ -8,8 +8,9 @@ collective at all, so each rank stops as soon as its own rows are done (``synced
 on 2 CPU ranks: ~4x faster than partitioned generation, identical tokens. The partitioned path stays
 available for benchmarks and for models too big to gather on one device: ``zero3_generation`` chooses
 "gathered", "partitioned", or "auto" (the default), which gathers only when the whole actor plus the
-generation's KV cache and working set fits in every rank's free memory (``generation_memory_bytes``) and
-otherwise generates partitioned for that call, with a warning and a count (``partitioned_calls``).
+generation's KV cache and working set (``generation_memory_bytes``) fits in every rank's free memory
+(``memory.free_bytes``) and otherwise generates partitioned for that call, with a warning and a count
+(``partitioned_calls``).
 
 Loading a model under ZeRO-3 (``zero.Init`` with ``memory_efficient_linear``, DeepSpeed's default) replaces
 ``torch.nn.functional.linear`` for the whole process with ``zero3_linear_wrap``, an autograd Function that
@@ -30,14 +31,14 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero import unwrap_model_for_generation
 from deepspeed.runtime.zero.linear import zero3_linear_wrap
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from rlhf_ds.config import ZERO3_GENERATION
-from rlhf_ds.distributed import any_rank, is_main_process, local_world_size
+from rlhf_ds import memory
+from rlhf_ds.distributed import any_rank, is_main_process
 
 
 def response_mask_from_tokens(response_ids: torch.Tensor,
@@ -123,17 +124,6 @@ def generation_memory_bytes(model_config, dtype: torch.dtype, batch: int, prompt
     return (kv_cache + prefill) * elem + 2 * batch * model_config.vocab_size * 4
 
 
-def free_memory_bytes(device: torch.device) -> int:
-    """Bytes this rank can still allocate. GPU: the driver's free memory plus what torch's caching allocator
-    holds unused. CPU: the host's available memory split between the ranks on it (all gather at once)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if device.type == "cpu":
-        return get_accelerator().available_memory() // local_world_size()
-    return get_accelerator().available_memory(device.index)
-
-
 @contextlib.contextmanager
 def _seeded(seed: Optional[int], device: torch.device):
     """Sample from ``seed`` without disturbing the global RNG streams (None: use them as they are)."""
@@ -186,7 +176,7 @@ class HybridEngine:
         module = self.engine.module
         need = gather_bytes(module) + generation_memory_bytes(module.config, module.dtype, *input_ids.shape,
                                                               self.max_new_tokens)
-        free = free_memory_bytes(input_ids.device)
+        free = memory.free_bytes(input_ids.device)
         if not any_rank(need > free, input_ids.device):
             return "gathered"
         if self.partitioned_calls == 0 and is_main_process():

@@ -42,11 +42,13 @@ def format_metrics(metrics: dict) -> str:
 
 
 def scalar_tag(name: str) -> str:
-    """TensorBoard/W&B tag of a metric: reward/ (scores), time/ (throughput), ppo/ (everything else)."""
+    """TensorBoard/W&B tag of a metric: reward/ (scores), time/ (throughput), memory/ (peaks), ppo/ (the rest)."""
     if name.startswith(("score_", "reward_")):
         return f"reward/{name}"
     if name.startswith("time_") or name == "tokens_per_s":
         return f"time/{name}"
+    if name.startswith("peak_memory_"):
+        return f"memory/{name}"
     return f"ppo/{name}"
 
 

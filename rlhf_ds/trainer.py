@@ -13,12 +13,12 @@ import time
 
 import torch
 
-from rlhf_ds import ppo
+from rlhf_ds import memory, ppo
 from rlhf_ds.checkpoint import export_model, load_checkpoint, save_checkpoint
 from rlhf_ds.config import PPOConfig
 from rlhf_ds.data import PromptCollator, PromptLoader
-from rlhf_ds.distributed import (all_reduce_mean, all_reduce_sum, any_rank, get_rank, get_world_size,
-                                 global_masked_mean, global_masked_whiten, is_main_process)
+from rlhf_ds.distributed import (all_reduce_max, all_reduce_mean, all_reduce_sum, any_rank, get_rank,
+                                 get_world_size, global_masked_mean, global_masked_whiten, is_main_process)
 from rlhf_ds.engines import Engines
 from rlhf_ds.experience import Experience, ExperienceMaker, response_logits, response_values
 from rlhf_ds.hybrid import HybridEngine
@@ -32,16 +32,21 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many consecutive non-finite rollouts); the message says why."""
 
 
-class PhaseTimer:
-    """Wall-clock seconds per phase of one iteration."""
+class PhaseMeter:
+    """Wall-clock seconds and peak memory (MiB, see ``memory.peak_mb``) per phase of one iteration."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.seconds: dict[str, float] = {}
+        self.peak_mb: dict[str, float] = {}
+        memory.reset_peak(device)
         self._start = time.perf_counter()
 
     def lap(self, phase: str) -> None:
         now = time.perf_counter()
         self.seconds[f"time_{phase}_s"] = now - self._start
+        self.peak_mb[f"peak_memory_{phase}_mb"] = memory.peak_mb(self.device)
+        memory.reset_peak(self.device)
         self._start = now
 
 
@@ -72,7 +77,7 @@ class PPOTrainer:
     def step(self, prompts: list[str]) -> dict:
         """One PPO iteration on this rank's ``prompts``; returns the all-reduced metrics."""
         cfg = self.config
-        timer = PhaseTimer()
+        timer = PhaseMeter(self.device)
         batch = {k: v.to(self.device) for k, v in self.collate(prompts).items()}
         sequences, response_mask = self.generator.generate(batch["input_ids"], batch["attention_mask"],
                                                            generator_seed=self._sample_seed())
@@ -112,7 +117,7 @@ class PPOTrainer:
             "generation_partitioned": float(self.generator.last_generation == "partitioned"),
             **update_metrics, **timer.seconds,
         }
-        metrics = all_reduce_mean(local)
+        metrics = {**all_reduce_mean(local), **all_reduce_max(timer.peak_mb)}
         for name in ("score", "reward"):
             metrics[f"{name}_std"] = max(metrics.pop(f"{name}_sq") - metrics[f"{name}_mean"] ** 2, 0.0) ** 0.5
         tokens = metrics.pop("tokens") * self.world_size
@@ -185,7 +190,7 @@ class PPOTrainer:
         self.score_moments.update(mean, max(total_sq / count - mean**2, 0.0), int(count))
         return self.score_moments.normalize(scores)
 
-    def _skip(self, reason: str, timer: PhaseTimer) -> dict:
+    def _skip(self, reason: str, timer: PhaseMeter) -> dict:
         """Count a rollout that must not reach an update; stop the run after too many in a row."""
         self.skipped_batches += 1
         self.consecutive_skips += 1

@@ -67,9 +67,10 @@ def ranks_of(proc: subprocess.Popen) -> list[int]:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl without wall-clock fields."""
+    """metrics.jsonl without the machine's measurements (wall clock, throughput, memory)."""
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in m.items() if not k.startswith("time_") and k != "tokens_per_s"} for m in lines]
+    return [{k: v for k, v in m.items() if not k.startswith(("time_", "peak_memory_")) and k != "tokens_per_s"}
+            for m in lines]
 
 
 def samples(run_dir: Path) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_ds.distributed import (WHITEN_EPS, all_reduce_mean, barrier, get_rank, get_world_size,
+from rlhf_ds.distributed import (WHITEN_EPS, all_reduce_max, all_reduce_mean, barrier, get_rank, get_world_size,
                                  global_masked_mean, global_masked_whiten, is_main_process)
 from rlhf_ds.hybrid import response_mask_from_tokens
 
@@ -128,6 +128,13 @@ def test_all_reduce_mean_identical_on_all_ranks(stats_run):
     assert results[0]["metrics"] == pytest.approx({"loss": 1.5, "kl": 0.15, "reward": -1.0})
 
 
+def test_all_reduce_max_and_any_rank(stats_run):
+    _, results = stats_run
+    for r in results:
+        assert r["max"] == {"low": -1.0, "peak": 150.0}
+        assert (r["any_rank1"], r["any_none"]) == (True, False), "a flag raised on one rank is seen by all"
+
+
 def test_helpers_without_process_group():
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, float("nan"), float("nan")]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
@@ -138,6 +145,7 @@ def test_helpers_without_process_group():
     expected = torch.tensor([[-1.5, -0.5, 0.5], [1.5, 0.0, 0.0]]) / std
     torch.testing.assert_close(global_masked_whiten(x, mask), expected)
     assert all_reduce_mean({"b": 2, "a": 1.0}) == {"a": 1.0, "b": 2.0}
+    assert all_reduce_max({"b": 2, "a": 1.0}) == {"a": 1.0, "b": 2.0}
     with pytest.raises(ValueError, match="at least 2 valid tokens"):
         global_masked_whiten(x, torch.tensor([[1, 0, 0], [0, 0, 0]]))
 

@@ -30,7 +30,8 @@ def completed(i: int) -> dict:
             "value_loss": 1.0 / (i + 1), "entropy_loss": -0.02, "entropy": 2.0, "clipfrac": 0.05,
             "approx_kl": 0.001, "time_generation_s": 0.25, "time_experience_s": 0.125, "time_update_s": 0.5,
             "iteration": i, "kl_divergence": 0.002 * i, "kl_coef": 0.2, "next_kl_coef": 0.1,
-            "skipped_batches": 0, "tokens_per_s": 300.0, "total_loss": 0.1}
+            "skipped_batches": 0, "tokens_per_s": 300.0, "total_loss": 0.1, "generation_partitioned": 0.0,
+            "peak_memory_generation_mb": 600.0, "peak_memory_experience_mb": 620.0, "peak_memory_update_mb": 700.0}
 
 
 def skipped(i: int) -> dict:
@@ -115,7 +116,8 @@ def test_tensorboard_scalars_and_config(tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"ppo/kl_divergence", "ppo/kl_coef", "ppo/policy_loss", "ppo/value_loss", "reward/score_mean",
-            "reward/reward_mean", "time/time_update_s", "time/tokens_per_s", "ppo/skipped_batches"} <= tags
+            "reward/reward_mean", "time/time_update_s", "time/tokens_per_s", "ppo/skipped_batches",
+            "memory/peak_memory_update_mb"} <= tags
     assert not any(tag.endswith(("iteration", "skip_reason")) for tag in tags)
     kl = [(e.step, e.value) for e in events.Scalars("ppo/kl_divergence")]
     assert kl == [(i, pytest.approx(0.002 * i)) for i in (0, 1, 3)]  # the skipped iteration has no KL

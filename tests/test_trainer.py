@@ -45,6 +45,9 @@ def test_ranks_agree_on_every_metric_and_kl_coef(two_rank_run):
         for key in m0:
             assert m0[key] == m1[key] or key.startswith("time_") or key == "tokens_per_s", key
         assert m0["kl_coef"] == m1["kl_coef"] and m0["next_kl_coef"] == m1["next_kl_coef"]
+        # per-phase peaks: the larger rank's, so equal on both; a rank holds its models, so > 0
+        assert all(m0[f"peak_memory_{phase}_mb"] > 0 for phase in ("generation", "experience", "update"))
+        assert m0["generation_partitioned"] == 0.0
 
 
 def test_actor_identical_on_both_ranks_and_frozen_models_unchanged(two_rank_run):

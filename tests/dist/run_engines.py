@@ -1,9 +1,10 @@
 """Per-rank half of the engine tests: ``deepspeed --num_gpus 2 --no_local_rank run_engines.py ...``.
 
 Builds the four engines on the tiny fixture models, generates with the hybrid engine (and, under
-ZeRO-3, also the partitioned way, and with "auto" falling back to it when one rank lacks memory), takes two optimizer steps on actor and critic with a generation
-in between (ZeRO-3 hooks must come back), and writes per-rank JSON: tokens, masks, losses and SHA-256
-digests of every engine's full (gathered) parameters before and after training.
+ZeRO-3, also the partitioned way, and with "auto" falling back to it when one rank lacks memory), takes
+two optimizer steps on actor and critic with a generation in between (ZeRO-3 hooks must come back), and
+writes per-rank JSON: tokens, masks, losses and SHA-256 digests of every engine's full (gathered)
+parameters before and after training.
 """
 import argparse
 import contextlib
@@ -21,6 +22,7 @@ from rlhf_ds.config import PPOConfig
 from rlhf_ds.distributed import get_rank
 from rlhf_ds.engines import build_engines
 from rlhf_ds import hybrid as hybrid_module
+from rlhf_ds import memory
 from rlhf_ds.hybrid import HybridEngine
 from rlhf_ds.models import position_ids_from_mask
 
@@ -100,13 +102,13 @@ def main() -> None:
         result["naive_sequences"] = naive.tolist()
         result["naive_response_mask"] = naive_mask.tolist()
         # "auto" when rank 1 alone reports no free memory: both ranks must agree to generate partitioned.
-        free_memory_bytes = hybrid_module.free_memory_bytes
-        hybrid_module.free_memory_bytes = lambda device: 0 if rank == 1 else free_memory_bytes(device)
+        free_bytes = memory.free_bytes
+        memory.free_bytes = lambda device: 0 if rank == 1 else free_bytes(device)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             fallback, _ = hybrid.generate(batch["input_ids"], batch["attention_mask"],
                                           generator_seed=GENERATION_SEED + rank)
-        hybrid_module.free_memory_bytes = free_memory_bytes
+        memory.free_bytes = free_bytes
         result.update(fallback_sequences=fallback.tolist(), fallback_generation=hybrid.last_generation,
                       fallback_calls=hybrid.partitioned_calls, fallback_warnings=[str(w.message) for w in caught
                                                         if "zero3_generation" in str(w.message)])

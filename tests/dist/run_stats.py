@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from rlhf_ds.distributed import (all_reduce_mean, get_rank, get_world_size, global_masked_mean,
-                                 global_masked_whiten, init_distributed, is_main_process)
+from rlhf_ds.distributed import (all_reduce_max, all_reduce_mean, any_rank, get_rank, get_world_size,
+                                 global_masked_mean, global_masked_whiten, init_distributed, is_main_process)
 
 # valid tokens per row: rank 0 holds 9, rank 1 holds 16
 ROW_LENGTHS = {0: [6, 3, 0], 1: [7, 7, 2]}
@@ -42,6 +42,9 @@ def main(out_dir: str) -> None:
         "whiten": global_masked_whiten(x, mask).tolist(),
         "whiten_no_shift": global_masked_whiten(x, mask, shift_mean=False).tolist(),
         "metrics": all_reduce_mean({"loss": 1.0 + rank, "kl": 0.1 * (rank + 1), "reward": -2.0 * rank}),
+        "max": all_reduce_max({"peak": 100.0 + 50 * rank, "low": -1.0 - rank}),
+        "any_rank1": any_rank(rank == 1, torch.device("cpu")),
+        "any_none": any_rank(False, torch.device("cpu")),
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)

@@ -317,6 +317,7 @@ def _generation_section(config, policy_path: str, prompts, args, figures: dict) 
     figures["generation_same_tokens"] = int(all(torch.equal(outputs[m][0], outputs["zero2"][0]) for m in modes))
     figures["generation_ranks"] = world
     figures["generation_prompt_len"] = batch["input_ids"].shape[1]
+    _roofline(engines[2].module, batch["input_ids"].shape, config.max_new_tokens, device, figures)
     for engine in engines.values():
         if hasattr(engine, "destroy"):
             engine.destroy()
@@ -325,6 +326,26 @@ def _generation_section(config, policy_path: str, prompts, args, figures: dict) 
     keep_alive.clear()
     gc.collect()
     torch.nn.functional.linear = linear
+
+
+def _roofline(model, prompt_shape, new_tokens: int, device, figures: dict) -> None:
+    """Generation against the memory-bandwidth roofline: the bytes every decoding step must read (all
+    parameters, the KV cache so far) over the copy bandwidth measured now, by every rank at once (on a CPU the
+    ranks share the memory bus, as they do while generating)."""
+    from rlhf_ds.distributed import all_reduce_mean, barrier
+    from rlhf_ds.models import kv_cache_bytes_per_token
+
+    barrier()
+    bandwidth = all_reduce_mean({"bandwidth": benchmark.memory_bandwidth(device)})["bandwidth"]
+    dtype = next(model.parameters()).dtype
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    batch, prompt_len = prompt_shape
+    read = benchmark.decode_bytes(param_bytes, kv_cache_bytes_per_token(model.config, dtype), batch, prompt_len,
+                                  new_tokens)
+    figures["memory_bandwidth_gbps"] = bandwidth / 1e9
+    figures["generation_decode_gbytes"] = read / 1e9
+    for mode in ("zero2", "hybrid_zero3"):
+        figures[f"generation_{mode}_roofline_frac"] = read / bandwidth / figures[f"generation_{mode}_s"]
 
 
 def worker(args, overrides: list[str]) -> int:
@@ -483,7 +504,7 @@ def format_figures(f: dict) -> str:
         f"{phase} {f[f'peak_memory_{phase}_mb']:.0f} MiB" for phase in PHASES))
     lines.append(f"  update: {f['update_gflop']:.2f} GFLOP per iteration (6 x params x tokens + attention, actor "
                  f"and critic forward+backward), matmul peak {f['matmul_peak_gflops']:.1f} GFLOP/s "
-                 f"(n={f['matmul_peak_n']}), MFU {f['update_mfu']:.1%}")
+                 f"(n={f['matmul_peak_n']}), MFU {f['update_mfu']:.1%} (GPU target >= 30%, Qwen2-0.5B)")
     if "experience_batched_s" in f:
         lines += ["", f"experience, {f['rollout_batch_size']} sequences  [loadavg {f['loadavg_experience']:.2f}]",
                   f"  batched (micro-batches of {f['mini_batch_size']}) {f['experience_batched_s']:.3f} s, one "
@@ -497,6 +518,10 @@ def format_figures(f: dict) -> str:
         lines.append(f"  {'':<14} {'wall s':>8} {'CPU s':>8}   (CPU: this rank's process time, robust to other load)")
         for mode in ("zero2", "hybrid_zero3", "naive_zero3"):
             lines.append(f"  {mode:<14} {f[f'generation_{mode}_s']:8.3f} {f[f'generation_{mode}_cpu_s']:8.3f}")
+        lines.append(f"  roofline: {f['generation_decode_gbytes']:.3f} GB read (parameters + KV cache, every "
+                     f"step) at {f['memory_bandwidth_gbps']:.1f} GB/s copy bandwidth per rank: zero2 "
+                     f"{f['generation_zero2_roofline_frac']:.1%}, hybrid_zero3 "
+                     f"{f['generation_hybrid_zero3_roofline_frac']:.1%} of it (GPU target >= 50%, Qwen2-0.5B)")
         for key, (op, target) in TARGETS.items():
             value, cpu = f[key], f[key.replace("generation_", "generation_cpu_")]
             met = value <= target if op == "<=" else value >= target

@@ -38,9 +38,10 @@ def flop_params(model: torch.nn.Module) -> tuple[int, int]:
 
 def attention_dims(model: torch.nn.Module) -> tuple[int, int]:
     """(layers, attention width = heads * head_dim) of a transformer, from its config."""
+    from rlhf_ds.models import head_dim  # here: the bench's parent imports this module without transformers
+
     config = getattr(model, "backbone", model).config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers, config.num_attention_heads * head_dim
+    return config.num_hidden_layers, config.num_attention_heads * head_dim(config)
 
 
 def forward_backward_flops(body_params: int, sequences: int, seq_len: int, head_params: int = 0,
@@ -102,6 +103,36 @@ def matmul_peak_flops(dtype: torch.dtype, device: torch.device, min_seconds: flo
 def mfu(flops: float, seconds: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: achieved FLOP/s over the peak FLOP/s."""
     return flops / seconds / peak_flops
+
+
+# --- the memory-bandwidth roofline of decoding ------------------------------------------------------------------
+
+
+def decode_bytes(param_bytes: int, kv_bytes_per_token: int, batch: int, prompt_len: int, new_tokens: int) -> int:
+    """Bytes a decoder must read to generate ``new_tokens`` tokens for ``batch`` rows after ``prompt_len``-token
+    prompts: every step reads all parameters once and the whole KV cache so far (step t, counting from 0, reads
+    the cache of prompt_len + t tokens per row; step 0 is the prefill, which reads the parameters once too).
+    Activations and logits are left out: small next to the weights at the batch sizes RLHF decodes with."""
+    cache_tokens = batch * (new_tokens * prompt_len + new_tokens * (new_tokens - 1) // 2)  # sum of (P + t)
+    return new_tokens * param_bytes + kv_bytes_per_token * cache_tokens
+
+
+def memory_bandwidth(device: torch.device, nbytes: Optional[int] = None, repeats: int = 5) -> float:
+    """Best bytes/s of copying an ``nbytes`` buffer (read + write counted) on ``device``: the roofline's
+    bandwidth, measured in the same run. Default size: 256 MiB on a CPU (beyond any cache), 1 GiB on a GPU."""
+    if nbytes is None:
+        nbytes = 256 * 2**20 if device.type == "cpu" else 2**30
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: page faults
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
 
 
 # --- timing and memory --------------------------------------------------------------------------------------
@@ -169,13 +200,14 @@ _RATIO_DIRECTIONS = {
 
 def direction(key: str) -> Optional[str]:
     """"lower" or "higher" is better for a figure; None for a setting, an environment fact or a ratio without a
-    target (not compared for regressions): seconds and MiB are lower-is-better, rates and MFU higher-is-better,
-    the generation ratios follow their targets (hybrid/zero2 lower, naive/hybrid higher)."""
+    target (not compared for regressions): seconds and MiB are lower-is-better, rates, MFU and roofline
+    fractions higher-is-better, the generation ratios follow their targets (hybrid/zero2 lower, naive/hybrid
+    higher)."""
     if key in _RATIO_DIRECTIONS:
         return _RATIO_DIRECTIONS[key]
-    if key.startswith(("loadavg", "matmul_peak")) or "_ratio_" in key:
+    if key.startswith(("loadavg", "matmul_peak", "memory_bandwidth")) or "_ratio_" in key:
         return None
-    if key.endswith(("_per_s", "_mfu")):
+    if key.endswith(("_per_s", "_mfu", "_roofline_frac")):
         return "higher"
     if key.endswith(("_s", "_mb")):
         return "lower"

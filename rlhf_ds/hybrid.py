@@ -36,9 +36,10 @@ from deepspeed.runtime.zero.linear import zero3_linear_wrap
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from rlhf_ds.config import ZERO3_GENERATION
 from rlhf_ds import memory
+from rlhf_ds.config import ZERO3_GENERATION
 from rlhf_ds.distributed import any_rank, is_main_process
+from rlhf_ds.models import kv_cache_bytes_per_token
 
 
 def response_mask_from_tokens(response_ids: torch.Tensor,
@@ -115,13 +116,9 @@ def generation_memory_bytes(model_config, dtype: torch.dtype, batch: int, prompt
     prefill    3 x B x P x intermediate_size (the MLP's gate, up and product), in the model's dtype
     sampling   2 x B x vocab float32 (the last position's logits and their softmax)
     """
-    elem = torch.empty((), dtype=dtype).element_size()
-    heads = model_config.num_attention_heads
-    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-    kv_cache = 2 * model_config.num_hidden_layers * batch * (prompt_len + max_new_tokens) * kv_heads * head_dim
-    prefill = 3 * batch * prompt_len * model_config.intermediate_size
-    return (kv_cache + prefill) * elem + 2 * batch * model_config.vocab_size * 4
+    kv_cache = kv_cache_bytes_per_token(model_config, dtype) * batch * (prompt_len + max_new_tokens)
+    prefill = 3 * batch * prompt_len * model_config.intermediate_size * torch.empty((), dtype=dtype).element_size()
+    return kv_cache + prefill + 2 * batch * model_config.vocab_size * 4
 
 
 @contextlib.contextmanager

@@ -157,6 +157,17 @@ def load_reward_model(path: str, dtype: torch.dtype,
     return model, tokenizer
 
 
+def head_dim(config) -> int:
+    """Width of one attention head: the config's own ``head_dim`` where it sets one, else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_cache_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of KV cache one token adds to a decoder: 2 (K, V) x layers x kv_heads x head_dim x element size."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim(config) * torch.empty((), dtype=dtype).element_size()
+
+
 def qwen2_0_5b_config() -> Qwen2Config:
     """The exact Qwen2-0.5B architecture (494M parameters, tied embeddings), for random-init benchmarks."""
     return Qwen2Config(**_QWEN2_0_5B, **_QWEN2_FAMILY)

@@ -28,7 +28,8 @@ REQUIRED = ("generation_naive_zero3_s", "generation_hybrid_zero3_s", "generation
             "generation_ratio_hybrid_over_zero2", "generation_ratio_naive_over_hybrid",
             "experience_batched_s", "experience_per_sequence_s", "experience_ratio_per_sequence_over_batched",
             "update_forward_s", "update_backward_s", "update_step_s", "peak_memory_generation_mb",
-            "peak_memory_experience_mb", "peak_memory_update_mb", "loadavg_main", "loadavg_generation")
+            "peak_memory_experience_mb", "peak_memory_update_mb", "memory_bandwidth_gbps", "generation_decode_gbytes",
+            "generation_zero2_roofline_frac", "generation_hybrid_zero3_roofline_frac", "loadavg_main", "loadavg_generation")
 
 
 def _fixture_models(root: Path) -> dict:
@@ -102,6 +103,7 @@ def test_scaling_grid_and_table(quick_run):
     for b, r in ((4, 8), (2, 8), (4, 4)):  # the configured point, half the batch, half the length
         assert figures[f"scaling_b{b}_r{r}_iteration_s"] > 0
     assert "hybrid/zero2" in table and "target <= 1.15" in table and "target >= 3.0" in table
+    assert "roofline" in table and "GPU target >= 50%" in table and "GPU target >= 30%" in table
     assert "MFU" in table and "loadavg" in table
 
 
@@ -139,6 +141,8 @@ def test_direction_of_each_kind_of_figure():
     assert benchmark.direction("generation_zero2_cpu_s") == "lower"
     assert benchmark.direction("peak_rss_mb") == "lower"
     assert benchmark.direction("generation_tokens_per_s") == "higher"
+    assert benchmark.direction("generation_zero2_roofline_frac") == "higher"
+    assert benchmark.direction("memory_bandwidth_gbps") is None
     assert benchmark.direction("update_mfu") == "higher"
     assert benchmark.direction("generation_ratio_hybrid_over_zero2") == "lower"
     assert benchmark.direction("generation_cpu_ratio_naive_over_hybrid") == "higher"
@@ -181,6 +185,25 @@ def test_update_flops_sums_actor_and_critic_over_epochs():
     actor = 6 * body * rows * seq_len + 6 * head * rows * response_len + 12 * 2 * 16 * seq_len * rows * seq_len
     value = 6 * (body + 17) * rows * seq_len + 12 * 2 * 16 * seq_len * rows * seq_len
     assert benchmark.update_flops(policy, critic, rows, seq_len, response_len, epochs) == epochs * (actor + value)
+
+
+def test_decode_bytes_against_a_step_by_step_sum():
+    """Each of R steps reads every parameter and the KV cache of P + t tokens per row (t = 0 .. R-1)."""
+    param_bytes, per_token, batch, prompt_len, new_tokens = 1000, 24, 3, 5, 7
+    expected = sum(param_bytes + per_token * batch * (prompt_len + t) for t in range(new_tokens))
+    assert benchmark.decode_bytes(param_bytes, per_token, batch, prompt_len, new_tokens) == expected
+    assert benchmark.decode_bytes(param_bytes, per_token, batch, prompt_len, 1) == param_bytes + per_token * 15
+
+
+def test_kv_cache_bytes_per_token_of_qwen2_0_5b():
+    """24 layers x 2 KV heads x 64 dims x (K and V) x 2 bytes in bf16."""
+    from rlhf_ds.models import kv_cache_bytes_per_token, qwen2_0_5b_config
+
+    assert kv_cache_bytes_per_token(qwen2_0_5b_config(), torch.bfloat16) == 24 * 2 * 64 * 2 * 2
+
+
+def test_memory_bandwidth_is_measured():
+    assert benchmark.memory_bandwidth(torch.device("cpu"), nbytes=8 * 2**20, repeats=2) > 1e8  # > 0.1 GB/s
 
 
 def test_matmul_peak_and_mfu():

@@ -77,16 +77,16 @@ class PPOTrainer:
     def step(self, prompts: list[str]) -> dict:
         """One PPO iteration on this rank's ``prompts``; returns the all-reduced metrics."""
         cfg = self.config
-        timer = PhaseMeter(self.device)
+        meter = PhaseMeter(self.device)
         batch = {k: v.to(self.device) for k, v in self.collate(prompts).items()}
         sequences, response_mask = self.generator.generate(batch["input_ids"], batch["attention_mask"],
                                                            generator_seed=self._sample_seed())
-        timer.lap("generation")
+        meter.lap("generation")
 
         exp = self.experience_maker.make(batch["attention_mask"], sequences, response_mask)
-        timer.lap("experience")
+        meter.lap("experience")
         if any_rank(not torch.isfinite(exp.scores).all(), self.device):
-            return self._skip("non-finite reward score", timer)
+            return self._skip("non-finite reward score", meter)
 
         mask = exp.response_mask
         scores = self._normalise(exp.scores)
@@ -99,9 +99,9 @@ class PPOTrainer:
         kl_divergence = global_masked_mean(kl, mask).item()  # token-weighted over all ranks
 
         update_metrics = self.update(exp)
-        timer.lap("update")
+        meter.lap("update")
         if update_metrics is None:
-            return self._skip("non-finite loss", timer)
+            return self._skip("non-finite loss", meter)
         self.kl_controller.update(kl_divergence, cfg.rollout_batch_size * self.world_size)
         self.consecutive_skips = 0
 
@@ -115,13 +115,13 @@ class PPOTrainer:
             "value_explained_var": ppo.explained_variance(exp.values, exp.returns, mask).item(),
             "tokens": mask.sum().item(),
             "generation_partitioned": float(self.generator.last_generation == "partitioned"),
-            **update_metrics, **timer.seconds,
+            **update_metrics, **meter.seconds,
         }
-        metrics = {**all_reduce_mean(local), **all_reduce_max(timer.peak_mb)}
+        metrics = {**all_reduce_mean(local), **all_reduce_max(meter.peak_mb)}
         for name in ("score", "reward"):
             metrics[f"{name}_std"] = max(metrics.pop(f"{name}_sq") - metrics[f"{name}_mean"] ** 2, 0.0) ** 0.5
         tokens = metrics.pop("tokens") * self.world_size
-        seconds = sum(timer.seconds.values())
+        seconds = sum(meter.seconds.values())
         metrics.update(iteration=self.iteration, kl_divergence=kl_divergence, kl_coef=kl_coef,
                        next_kl_coef=self.kl_controller.value, skipped_batches=self.skipped_batches,
                        tokens_per_s=tokens / seconds,
@@ -190,7 +190,7 @@ class PPOTrainer:
         self.score_moments.update(mean, max(total_sq / count - mean**2, 0.0), int(count))
         return self.score_moments.normalize(scores)
 
-    def _skip(self, reason: str, timer: PhaseMeter) -> dict:
+    def _skip(self, reason: str, meter: PhaseMeter) -> dict:
         """Count a rollout that must not reach an update; stop the run after too many in a row."""
         self.skipped_batches += 1
         self.consecutive_skips += 1
@@ -199,7 +199,7 @@ class PPOTrainer:
                                 f"{self.iteration}: check the reward model and lower actor_lr/critic_lr "
                                 f"(max_skipped_batches={self.config.max_skipped_batches})")
         return {"iteration": self.iteration, "skipped_batches": self.skipped_batches, "skip_reason": reason,
-                "kl_coef": self.kl_controller.value, **timer.seconds}
+                "kl_coef": self.kl_controller.value, **meter.seconds}
 
     # --- state for checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -3,6 +3,7 @@
     python launch/bench.py                          # the CPU set (embedded default, 1 and 2 ranks), < 5 minutes
     python launch/bench.py --json new.json          # also write the figures
     python launch/bench.py --compare old.json new.json   # per-key ratios; regressions > 10% flagged (exit 1)
+    python launch/bench.py --model qwen2-small      # random-init Qwen2, 8 layers x 512 (40M parameters)
     python launch/bench.py --model qwen2-0.5b       # random-init model of the exact Qwen2-0.5B shape (GPU only)
     python launch/bench.py --quick [--ranks 1]      # smoke run, tiny sizes (what tests/test_bench.py runs)
     python launch/bench.py [...] --field value      # PPOConfig overrides, e.g. --rollout_batch_size 32
@@ -360,7 +361,7 @@ def worker(args, overrides: list[str]) -> int:
     config = _config(args, overrides)
     init_distributed()
     policy, critic, reward = resolve_model_paths(config)
-    if args.policy_dir:  # the parent's random-init Qwen2-0.5B
+    if args.policy_dir:  # the parent's random-init Qwen2 (--model)
         policy = critic = args.policy_dir
     prompts, _ = load_prompts(config.dataset, config.train_split, config.max_prompts)
     figures: dict = {}
@@ -445,15 +446,23 @@ def _environment(args, config, ranks: int) -> dict:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
 
 
-def random_qwen2_0_5b(policy_dir: str, out_dir: str) -> str:
-    """A random-init model of the exact Qwen2-0.5B architecture with the embedded tokenizer (timing only)."""
+def random_qwen2(model: str, policy_dir: str, out_dir: str) -> str:
+    """A random-init Qwen2 with the policy's tokenizer, for timing only. "qwen2-0.5b": the exact Qwen2-0.5B
+    architecture (494M parameters, vocab 151,936). "qwen2-small": the same family at a size a CPU runs in
+    minutes, large enough that matmuls and memory traffic, not per-layer Python, dominate (8 layers, hidden 512,
+    8 heads of 64 as in Qwen2-0.5B, 2 KV heads, the tokenizer's vocabulary: 40M parameters)."""
     from transformers import Qwen2ForCausalLM
 
-    from rlhf_ds.models import load_tokenizer, qwen2_0_5b_config
+    from rlhf_ds.models import load_tokenizer, qwen2_0_5b_config, tiny_qwen2_config
 
     tokenizer = load_tokenizer(policy_dir)
-    config = qwen2_0_5b_config()
-    config.eos_token_id = config.bos_token_id = config.pad_token_id = tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    if model == "qwen2-0.5b":
+        config = qwen2_0_5b_config()
+        config.eos_token_id = config.bos_token_id = config.pad_token_id = eos
+    else:
+        config = tiny_qwen2_config(len(tokenizer), eos, eos, tokenizer.pad_token_id, hidden_size=512, num_layers=8,
+                                   num_heads=8, num_kv_heads=2, max_position_embeddings=1024)
     Qwen2ForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -469,9 +478,9 @@ def run(args, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="rlhf_bench_") as out:
         config = _config(argparse.Namespace(quick=args.quick, out=out), overrides)
         policy_dir = None
-        if args.model == "qwen2-0.5b":
+        if args.model != "embedded":
             policy, _, _ = resolve_model_paths(config)
-            policy_dir = random_qwen2_0_5b(policy, os.path.join(out, "qwen2-0.5b"))
+            policy_dir = random_qwen2(args.model, policy, os.path.join(out, args.model))
         figures = {**_environment(args, config, ranks), "loadavg_start": benchmark.loadavg()}
         single = ["main", "experience", "scaling"] + (["generation"] if ranks == 1 else [])
         figures.update(_start_worker(args, overrides, single, 1, out, policy_dir))
@@ -552,7 +561,8 @@ def format_figures(f: dict) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("embedded", "qwen2-0.5b"), default="embedded")
+    parser.add_argument("--model", choices=("embedded", "qwen2-small", "qwen2-0.5b"), default="embedded",
+                        help="embedded: the trained default; qwen2-small, qwen2-0.5b: random-init Qwen2 (timing only)")
     parser.add_argument("--iterations", type=int, default=None, help="timed iterations of the main run (after "
                         "one warm-up; default 3)")
     parser.add_argument("--scaling_iterations", type=int, default=None, help="timed iterations per scaling and "

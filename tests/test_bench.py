@@ -107,6 +107,19 @@ def test_scaling_grid_and_table(quick_run):
     assert "MFU" in table and "loadavg" in table
 
 
+def test_qwen2_small_swaps_in_a_random_qwen2_of_that_shape(quick_run, tmp_path):
+    """--model qwen2-small: the same sections on a random-init 8 x 512 Qwen2 (the policy's tokenizer); the
+    update's FLOPs show that the bigger model, not the policy, was timed."""
+    models = _fixture_models(tmp_path / "models")
+    out = tmp_path / "small.json"
+    proc = _run("--quick", "--ranks", "1", "--model", "qwen2-small", "--json", str(out),
+                "--policy_model", models["policy"], "--reward_model", models["reward"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    small, tiny = json.loads(out.read_text()), quick_run[0]
+    assert small["model"] == "qwen2-small" and small["generation_same_tokens"] == 1
+    assert small["update_gflop"] > 100 * tiny["update_gflop"]
+
+
 # --- --compare -----------------------------------------------------------------------------------------------
 
 def test_compare_flags_only_regressions_beyond_the_threshold(tmp_path):

@@ -117,7 +117,7 @@ def generation_memory_bytes(model_config, dtype: torch.dtype, batch: int, prompt
     sampling   2 x B x vocab float32 (the last position's logits and their softmax)
     """
     kv_cache = kv_cache_bytes_per_token(model_config, dtype) * batch * (prompt_len + max_new_tokens)
-    prefill = 3 * batch * prompt_len * model_config.intermediate_size * torch.empty((), dtype=dtype).element_size()
+    prefill = 3 * batch * prompt_len * model_config.intermediate_size * dtype.itemsize
     return kv_cache + prefill + 2 * batch * model_config.vocab_size * 4
 
 

@@ -165,7 +165,7 @@ def head_dim(config) -> int:
 def kv_cache_bytes_per_token(config, dtype: torch.dtype) -> int:
     """Bytes of KV cache one token adds to a decoder: 2 (K, V) x layers x kv_heads x head_dim x element size."""
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim(config) * torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim(config) * dtype.itemsize
 
 
 def qwen2_0_5b_config() -> Qwen2Config:

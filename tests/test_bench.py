@@ -28,8 +28,9 @@ REQUIRED = ("generation_naive_zero3_s", "generation_hybrid_zero3_s", "generation
             "generation_ratio_hybrid_over_zero2", "generation_ratio_naive_over_hybrid",
             "experience_batched_s", "experience_per_sequence_s", "experience_ratio_per_sequence_over_batched",
             "update_forward_s", "update_backward_s", "update_step_s", "peak_memory_generation_mb",
-            "peak_memory_experience_mb", "peak_memory_update_mb", "memory_bandwidth_gbps", "generation_decode_gbytes",
-            "generation_zero2_roofline_frac", "generation_hybrid_zero3_roofline_frac", "loadavg_main", "loadavg_generation")
+            "peak_memory_experience_mb", "peak_memory_update_mb", "memory_bandwidth_gbps",
+            "generation_decode_gbytes", "generation_zero2_roofline_frac", "generation_hybrid_zero3_roofline_frac",
+            "loadavg_main", "loadavg_generation")
 
 
 def _fixture_models(root: Path) -> dict:

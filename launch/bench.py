@@ -62,7 +62,8 @@ def _config(args, overrides: list[str]):
 
 def _fixed_length(generator, on: bool = True) -> None:
     """Suppress EOS until max_new_tokens (HF ``min_new_tokens``): every response has the same length."""
-    generator.engine.module.generation_config.min_new_tokens = generator.max_new_tokens if on else None
+    sampler = generator.sampler
+    sampler.generation_config.min_new_tokens = sampler.sampling.max_new_tokens if on else None
 
 
 def _warmup(args) -> int:
@@ -279,8 +280,7 @@ def _generation_section(config, policy_path: str, prompts, args, figures: dict) 
         model = load_policy(policy_path, resolve_precision(stage_config), config.trust_remote_code)
         engines[stage], *_ = deepspeed.initialize(model=model, config=ds)
     # One generator per mode; the two ZeRO-3 ones share the engine.
-    generators = {mode: HybridEngine(engines[stage], tokenizer, config.max_new_tokens, config.temperature,
-                                     config.top_k, config.top_p, zero3_generation)
+    generators = {mode: HybridEngine(engines[stage], tokenizer, config.sampling(), zero3_generation)
                   for mode, stage, zero3_generation in (("zero2", 2, "auto"), ("hybrid_zero3", 3, "gathered"),
                                                         ("naive_zero3", 3, "partitioned"))}
     for generator in generators.values():

@@ -8,7 +8,7 @@
 checkpoint directory (converted first); default: the config's policy_model, i.e. the initial policy, so with no
 arguments this is the SFT policy against itself (a sanity check: win rate 0.5, KL 0). --reference and --reward
 default to the config's policy_model and reward_model. Prompts are the config's dataset, split eval_split; the
-generation settings (max_prompt_len, max_new_tokens, temperature, top_k, top_p, reward_max_len) come from the
+generation settings (max_prompt_len, max_new_tokens, temperature, stop_strings, reward_max_len) come from the
 config and its --field overrides. Writes OUTPUT_DIR/eval/samples.jsonl and OUTPUT_DIR/eval/summary.json by
 default. A bad input is one line on stderr and exit code 2.
 """
@@ -80,8 +80,8 @@ def main(argv: list[str]) -> int:
         summary["settings"] = {
             "policy": policy, "reference": reference, "reward": reward, "dataset": config.dataset,
             "eval_split": config.eval_split, "seed": args.seed, "batch_size": args.batch_size,
-            **{k: getattr(config, k) for k in ("max_prompt_len", "max_new_tokens", "temperature", "top_k",
-                                                "top_p", "reward_max_len")},
+            **{k: getattr(config, k) for k in ("max_prompt_len", "max_new_tokens", "temperature", "stop_strings",
+                                                "reward_max_len")},
         }
         write_outputs(records, summary, samples_path, json_path)
     except (ConfigError, DataError, EvaluationError, EmbeddedCacheError, OSError) as err:

@@ -49,10 +49,13 @@ class PPOConfig:
     # --- generation ------------------------------------------------------------------------------------
     max_prompt_len: int = _doc(128, "prompt tokens kept (longer prompts are cut at the front and counted)")
     max_new_tokens: int = _doc(32, "response tokens generated per prompt")
-    temperature: float = _doc(1.0, "sampling temperature")
-    top_k: int = _doc(0, "top-k sampling (0 = off)")
-    top_p: float = _doc(1.0, "nucleus sampling (1.0 = off)")
-    reward_max_len: int = _doc(512, "reward-model tokens per (question, answer) pair; question cut from the left")
+    temperature: float = _doc(1.0, "sampling temperature (the log-probs of every phase use the same one)")
+    top_k: int = _doc(0, "must stay 0: PPO needs the log-probs of the distribution that sampled (README: the real run)")
+    top_p: float = _doc(1.0, "must stay 1.0, for the same reason as top_k")
+    stop_strings: list = _doc(["\n\nHuman:"], "a response also ends where one of these is complete (its tokens "
+                              "count, like EOS; the reward model reads the answer before it); [] = EOS only")
+    reward_max_len: Optional[int] = _doc(None, "reward-model tokens per (question, answer) pair, question cut from "
+                                         "the left; None = the reward model's limit (DeBERTa-v3: 512)")
     # --- PPO -------------------------------------------------------------------------------------------
     iterations: int = _doc(60, "PPO iterations (one rollout + update each)")
     rollout_batch_size: int = _doc(16, "prompts generated per rank per iteration")
@@ -125,10 +128,15 @@ class PPOConfig:
         need(self.entropy_coef >= 0, "entropy_coef", "use entropy_coef >= 0, e.g. 0.01")
         need(self.max_new_tokens >= 1, "max_new_tokens", "generate at least 1 token")
         need(self.max_prompt_len >= 1, "max_prompt_len", "keep at least 1 prompt token")
-        need(self.reward_max_len >= 8, "reward_max_len", "use at least 8 reward-model tokens")
+        need(self.reward_max_len is None or self.reward_max_len >= 8, "reward_max_len",
+             "use at least 8 reward-model tokens, or null for the reward model's limit")
         need(self.temperature > 0, "temperature", "use a positive temperature, e.g. 1.0")
-        need(self.top_k >= 0, "top_k", "use 0 (off) or a positive k")
-        need(0 < self.top_p <= 1, "top_p", "use a value in (0, 1]")
+        truncation = ("PPO's ratio, KL and entropy need the log-probs of the distribution that sampled, and a "
+                      "truncated one has no counterpart in the reference; tune temperature instead")
+        need(self.top_k == 0, "top_k", f"{truncation} (use 0)")
+        need(self.top_p == 1.0, "top_p", f"{truncation} (use 1.0)")
+        need(all(isinstance(stop, str) and stop for stop in self.stop_strings), "stop_strings",
+             "use a list of non-empty strings, e.g. [\"\\n\\nHuman:\"], or [] for EOS only")
         need(self.iterations >= 1, "iterations", "run at least 1 iteration")
         need(self.rollout_batch_size >= 1, "rollout_batch_size", "use at least 1 prompt per rank")
         need(self.mini_batch_size >= 1, "mini_batch_size", "use at least 1 sequence per step")
@@ -210,6 +218,13 @@ class PPOConfig:
             overrides[key] = parse_value(key, inline, types[key])
         return cls.from_dict({**values, **overrides}, source="command line")
 
+    def sampling(self) -> "Sampling":
+        """The one value generation, the log-prob computations and evaluation all sample and score with."""
+        from rlhf_ds.sampling import Sampling
+
+        return Sampling(temperature=self.temperature, max_new_tokens=self.max_new_tokens,
+                        stop_strings=tuple(self.stop_strings))
+
     # --- output ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -278,14 +293,19 @@ def parse_value(name: str, text: str, annotation: Any) -> Any:
             return int(text)
         if kind is float:
             return float(text)
+        if kind is list:
+            values = json.loads(text)
+            if not isinstance(values, list):
+                raise ValueError
+            return values
         return text
-    except ValueError:
+    except ValueError:  # json.JSONDecodeError is one
         raise ConfigError(f"--{name} {text!r} is not a valid {kind.__name__}: "
                           f"use e.g. --{name} {_example(kind)}") from None
 
 
 def _example(kind: type) -> str:
-    return {bool: "false", int: "4", float: "0.1"}.get(kind, "text")
+    return {bool: "false", int: "4", float: "0.1", list: "'[\"a\", \"b\"]'"}.get(kind, "text")
 
 
 def _checked(name: str, value: Any, annotation: Any) -> Any:

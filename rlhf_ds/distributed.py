@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import os
 import socket
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -176,22 +177,59 @@ def global_masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (sums[0] / sums[1]).to(x.dtype)
 
 
+def global_masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(mean, unbiased variance, count) of x over the valid tokens of ALL ranks, float64 0-d tensors and an int.
+
+    x, mask: (B, T). One all-reduce of (sum, sum of squares, count). With fewer than 2 valid tokens in total
+    the variance is undefined and returned as nan (the mean too when there are none): the callers decide
+    what that means. Every rank must call it.
+    """
+    total, total_sq, count = all_reduce_sum(_masked_sums(x, mask)).unbind()
+    count_int = int(count)
+    mean = total / count if count_int > 0 else torch.tensor(float("nan"), dtype=torch.float64)
+    if count_int < 2:
+        return mean, torch.tensor(float("nan"), dtype=torch.float64), count_int
+    var = (total_sq - count * mean.square()) / (count - 1)
+    return mean, var.clamp_min(0), count_int
+
+
 def global_masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """Normalise x with the mean and unbiased variance of the valid tokens of ALL ranks.
 
     x, mask: (B, T) -> (B, T) of x's dtype. ``(x - mean) * rsqrt(var + WHITEN_EPS)``; shift_mean=False adds the
-    mean back (rescale only), like ``ppo.masked_whiten``. Padded positions are 0. One all-reduce of
-    (sum, sum of squares, count); raises ValueError when fewer than 2 valid tokens exist in total.
+    mean back (rescale only), like ``ppo.masked_whiten``. Padded positions are 0. With a single valid token
+    over all ranks there is no spread to divide by: it is only centred (to 0, or left as is when
+    shift_mean=False), so a rollout of one-token responses on one rank cannot crash the run.
     """
-    total, total_sq, count = all_reduce_sum(_masked_sums(x, mask)).unbind()
+    mean, var, count = global_masked_moments(x, mask)
     if count < 2:
-        raise ValueError(f"global_masked_whiten needs at least 2 valid tokens over all ranks, got {int(count)}")
-    mean = total / count
-    var = (total_sq - count * mean.square()) / (count - 1)
-    whitened = (x.double() - mean) * torch.rsqrt(var.clamp_min(0) + WHITEN_EPS)
+        whitened = x.double() - mean
+    else:
+        whitened = (x.double() - mean) * torch.rsqrt(var + WHITEN_EPS)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, 0.0).to(x.dtype)
+
+
+def global_explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> Optional[float]:
+    """The critic's debug metric over ALL ranks' valid tokens: 1 - Var(returns - values) / Var(returns).
+
+    values, returns, mask: (B, T). 1 is a perfect critic, 0 one no better than a constant. None (the metric
+    is left out) when fewer than 2 valid tokens exist over all ranks; nan/inf when the returns are constant.
+    Every rank must call it (two all-reduces) and gets the same answer.
+    """
+    _, residual_var, count = global_masked_moments(returns - values, mask)
+    _, returns_var, _ = global_masked_moments(returns, mask)
+    if count < 2:
+        return None
+    return (1 - residual_var / returns_var).item()
+
+
+def global_token_counts(masks: list[torch.Tensor]) -> list[float]:
+    """Valid tokens of each mask summed over ALL ranks, in one all-reduce: the denominators of the global
+    token mean (``ppo.token_mean``) of a list of mini-batches. Every rank must pass the same number of masks."""
+    counts = torch.stack([mask.sum().double() for mask in masks])
+    return all_reduce_sum(counts).tolist()
 
 
 def _all_reduce_scalars(metrics: dict[str, float], op) -> dict[str, float]:

@@ -189,7 +189,7 @@ def sft_mix(records: list[dict], rejected_fraction: float, seed: int) -> list[st
 def sample_answers(policy, tokenizer, prompts: list[str], max_new_tokens: int, max_prompt_len: int,
                    seed: int, batch_size: int = 64) -> tuple[list[str], float]:
     """Sampled answers (text) of ``policy`` on ``prompts`` and the fraction that ended with EOS."""
-    from rlhf_ds.hybrid import response_mask_from_tokens
+    from rlhf_ds.sampling import response_mask_from_tokens
 
     collate = PromptCollator(tokenizer, max_prompt_len)
     torch.manual_seed(seed)

@@ -101,7 +101,8 @@ def _training_config(config: PPOConfig, role: str, world_size: int) -> dict:
     params = ds["optimizer"].setdefault("params", {})
     params["lr"] = config.actor_lr if role == "actor" else config.critic_lr
     params["weight_decay"] = config.weight_decay
-    if get_accelerator().device_name() == "cpu" and not config.offload_optimizer:
+    adam = ds["optimizer"].get("type", "").lower() in ("adam", "adamw")
+    if get_accelerator().device_name() == "cpu" and not config.offload_optimizer and adam:
         # On a GPU DeepSpeed's own FusedAdam runs (its default). On the CPU accelerator that FusedAdam is
         # JIT-compiled (~40 s per fresh machine) for the same step time as torch's fused CPU AdamW, which
         # cuts the optimizer step by ~23% against torch's per-tensor loop (docs/PERFORMANCE.md). The

@@ -21,15 +21,14 @@ import tempfile
 from typing import Callable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_ds.data import PromptCollator, _looks_like_path, load_prompts
 from rlhf_ds.experience import response_logits
-from rlhf_ds.hybrid import _seeded, response_mask_from_tokens
 from rlhf_ds.models import load_policy, load_reward_model, load_tokenizer
 from rlhf_ds.ppo import kl_penalty, logprobs_from_logits
-from rlhf_ds.reward import decode_rollout, score_pairs
+from rlhf_ds.reward import decode_rollout, resolve_reward_max_len, score_pairs
+from rlhf_ds.sampling import Sampler, Sampling
 
 CHECKPOINT_MARKER = "trainer_state.json"  # a training checkpoint directory holds this file
 
@@ -117,33 +116,6 @@ def loadable_policy(path: str) -> Iterator[str]:
 # --------------------------------------------------------------------------- #
 
 
-def use_sampling_settings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
-                          temperature: float, top_k: int, top_p: float) -> None:
-    """Replace the model's generation_config with ours only, as ``HybridEngine`` does for the actor: a
-    checkpoint's own generation_config.json (repetition penalty, ...) must not change what is sampled."""
-    model.generation_config = GenerationConfig(
-        do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, use_cache=True)
-
-
-@torch.no_grad()
-def sample_responses(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int,
-                     max_new_tokens: int, pad_token_id: int,
-                     eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sampled response per prompt, from ``seed`` (the global RNG is left as it was).
-
-    input_ids, attention_mask: (B, P) left-padded; the model's generation_config holds the sampling settings
-    (``use_sampling_settings``). Returns sequences (B, P + R), the response padded with pad_token_id after an
-    early stop, and response_mask (B, R) int64, 1 up to and including the first EOS.
-    """
-    with _seeded(seed, input_ids.device):
-        sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask)
-    response = sequences[:, input_ids.shape[1]:]
-    response = F.pad(response, (0, max_new_tokens - response.shape[1]), value=pad_token_id)
-    return torch.cat([input_ids, response], dim=1), response_mask_from_tokens(response, eos_token_id)
-
-
 @torch.no_grad()
 def sequence_kl(policy: PreTrainedModel, reference: PreTrainedModel, sequences: torch.Tensor,
                 prompt_mask: torch.Tensor, response_mask: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -172,11 +144,12 @@ def sequence_kl(policy: PreTrainedModel, reference: PreTrainedModel, sequences: 
 @torch.no_grad()
 def evaluate(policy: PreTrainedModel, reference: PreTrainedModel, reward: PreTrainedModel,
              policy_tokenizer: PreTrainedTokenizerBase, reward_tokenizer: PreTrainedTokenizerBase,
-             prompts: list[str], *, max_prompt_len: int, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, reward_max_len: int = 512, batch_size: int = 16, seed: int = 0,
-             log: Optional[Callable[[str], None]] = None) -> list[dict]:
+             prompts: list[str], *, sampling: Sampling, max_prompt_len: int, reward_max_len: Optional[int] = None,
+             batch_size: int = 16, seed: int = 0, log: Optional[Callable[[str], None]] = None) -> list[dict]:
     """One record per prompt: prompt, both responses (text), both scores, the policy response's KL, both
-    response lengths (valid tokens, EOS included) and whether each ended with EOS.
+    response lengths (valid tokens, up to and including EOS or the stop string) and whether each ended with
+    EOS. ``sampling`` is the training run's (``PPOConfig.sampling()``); ``reward_max_len`` as in training
+    (None: the reward model's limit).
 
     Prompts are taken in order in batches of ``batch_size``; batch i is sampled from seed ``seed + i`` by
     both models, so the samples depend on (seed, batch_size) and on nothing else.
@@ -186,10 +159,12 @@ def evaluate(policy: PreTrainedModel, reference: PreTrainedModel, reward: PreTra
     if batch_size < 1:
         raise EvaluationError(f"--batch_size {batch_size}: use at least 1")
     device = next(policy.parameters()).device
-    for model in (policy, reference):
-        use_sampling_settings(model, policy_tokenizer, max_new_tokens, temperature, top_k, top_p)
+    sampler = Sampler(sampling, policy_tokenizer)
+    reward_max_len, warning = resolve_reward_max_len(reward_max_len, reward.config, reward_tokenizer)
+    if warning and log is not None:
+        log(f"warning: {warning}")
     collate = PromptCollator(policy_tokenizer, max_prompt_len)
-    pad_id, eos_id = policy_tokenizer.pad_token_id, policy_tokenizer.eos_token_id
+    eos_id = policy_tokenizer.eos_token_id
     records: list[dict] = []
     for index, start in enumerate(range(0, len(prompts), batch_size)):
         batch_prompts = prompts[start:start + batch_size]
@@ -197,14 +172,14 @@ def evaluate(policy: PreTrainedModel, reference: PreTrainedModel, reward: PreTra
         prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
         rollouts = {}
         for name, model in (("policy", policy), ("reference", reference)):
-            sequences, response_mask = sample_responses(model, prompt_ids, prompt_mask, seed + index,
-                                                        max_new_tokens, pad_id, eos_id)
+            sequences, response_mask = sampler.sample(model, prompt_ids, prompt_mask, seed=seed + index)
             response = sequences[:, prompt_ids.shape[1]:]
-            questions, answers = decode_rollout(policy_tokenizer, prompt_ids, prompt_mask, response, response_mask)
+            questions, answers = decode_rollout(policy_tokenizer, prompt_ids, prompt_mask, response, response_mask,
+                                                sampling.stop_strings)
             scores = score_pairs(reward, reward_tokenizer, questions, answers, reward_max_len)
             rollouts[name] = (sequences, response_mask, answers, scores, (response == eos_id).any(dim=1))
         sequences, response_mask = rollouts["policy"][:2]
-        kl = sequence_kl(policy, reference, sequences, prompt_mask, response_mask, temperature)
+        kl = sequence_kl(policy, reference, sequences, prompt_mask, response_mask, sampling.temperature)
         for row, prompt in enumerate(batch_prompts):
             record = {"prompt": prompt}
             for name, (_, mask, answers, scores, ended) in rollouts.items():
@@ -297,8 +272,6 @@ def evaluate_policy(config, policy_path: str, reference_path: str, reward_path: 
         log(f"prompts: {stats.summary()}")
     with loadable_policy(policy_path) as policy_dir:
         models = load_models(policy_dir, reference_path, reward_path, device, config.trust_remote_code)
-    records = evaluate(**models, prompts=prompts, max_prompt_len=config.max_prompt_len,
-                       max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
-                       top_p=config.top_p, reward_max_len=config.reward_max_len, batch_size=batch_size,
-                       seed=seed, log=log)
+    records = evaluate(**models, prompts=prompts, sampling=config.sampling(), max_prompt_len=config.max_prompt_len,
+                       reward_max_len=config.reward_max_len, batch_size=batch_size, seed=seed, log=log)
     return records, summarize(records)

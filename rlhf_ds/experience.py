@@ -17,6 +17,7 @@ from rlhf_ds.hybrid import gathered, torch_linear
 from rlhf_ds.models import position_ids_from_mask
 from rlhf_ds.ppo import logprobs_from_logits
 from rlhf_ds.reward import decode_rollout, score_pairs
+from rlhf_ds.sampling import Sampling
 
 
 @dataclass
@@ -91,14 +92,15 @@ class ExperienceMaker:
     """Fills an ``Experience`` with one batched forward per model per micro-batch (no grad).
 
     The reward model reads text: the rollout is decoded with the policy tokenizer and re-tokenised with the
-    reward model's own tokenizer as a (question, answer) pair.
+    reward model's own tokenizer as a (question, answer) pair, the answer without its stop string.
+    Log-probs are those of the sampling distribution: the logits divided by ``sampling.temperature``.
     """
 
     def __init__(self, actor, critic, reference, reward, policy_tokenizer, reward_tokenizer,
-                 temperature: float, reward_max_len: int, micro_batch_size: int):
+                 sampling: Sampling, reward_max_len: int, micro_batch_size: int):
         self.actor, self.critic, self.reference, self.reward = actor, critic, reference, reward
         self.policy_tokenizer, self.reward_tokenizer = policy_tokenizer, reward_tokenizer
-        self.temperature = temperature
+        self.sampling = sampling
         self.reward_max_len = reward_max_len
         self.micro_batch_size = micro_batch_size
 
@@ -112,15 +114,18 @@ class ExperienceMaker:
         length: rows sorted by prompt length, so each micro-batch's forwards cost its own longest prompt
         (``response_logits`` drops the left padding all its rows share), and the reward model's text pairs
         sorted by length, each micro-batch padded to its own longest pair.
-        A collective under ZeRO-3.
+        Every model runs in eval mode (the trainer switches actor and critic to training mode only for the
+        update's passes). A collective under ZeRO-3.
         """
+        for model in (self.actor, self.critic):
+            model.eval()
         prompt_len = prompt_mask.shape[1]
         attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
         labels = sequences[:, prompt_len:]
         rows = sequences.shape[0]
         by_prompt = list(torch.sort(prompt_mask.sum(1), stable=True).indices.split(self.micro_batch_size))
         questions, answers = decode_rollout(self.policy_tokenizer, sequences[:, :prompt_len], prompt_mask, labels,
-                                            response_mask)
+                                            response_mask, self.sampling.stop_strings)
         by_text = sorted(range(rows), key=lambda i: len(questions[i]) + len(answers[i]))
         by_text = [by_text[i:i + self.micro_batch_size] for i in range(0, rows, self.micro_batch_size)]
 
@@ -134,7 +139,8 @@ class ExperienceMaker:
             for name, model in (("old_logprobs", self.actor), ("ref_logprobs", self.reference)):
                 with gathered(model):
                     parts[name] = in_row_order([logprobs_from_logits(
-                        response_logits(model, sequences[b], attention_mask[b], prompt_len, self.temperature),
+                        response_logits(model, sequences[b], attention_mask[b], prompt_len,
+                                        self.sampling.temperature),
                         labels[b]) for b in by_prompt], by_prompt)
             with gathered(self.critic):
                 parts["values"] = in_row_order([response_values(self.critic, sequences[b], attention_mask[b],

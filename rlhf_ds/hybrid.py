@@ -27,32 +27,20 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from deepspeed.runtime.zero import unwrap_model_for_generation
 from deepspeed.runtime.zero.linear import zero3_linear_wrap
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from rlhf_ds import memory
 from rlhf_ds.config import ZERO3_GENERATION
 from rlhf_ds.distributed import any_rank, is_main_process
 from rlhf_ds.models import kv_cache_bytes_per_token
-
-
-def response_mask_from_tokens(response_ids: torch.Tensor,
-                              eos_token_id: Union[int, Sequence[int]]) -> torch.Tensor:
-    """1 on each response token up to and including the first EOS, 0 after it; a row without EOS is all 1.
-
-    response_ids: (B, R) -> (B, R) int64 (the dtype of attention masks, so it can extend one).
-    eos_token_id: one id or several (any of them ends the response).
-    """
-    eos_ids = torch.as_tensor(eos_token_id, device=response_ids.device).reshape(-1)
-    is_eos = torch.isin(response_ids, eos_ids).long()
-    eos_before = is_eos.cumsum(-1) - is_eos
-    return (eos_before == 0).long()
+from rlhf_ds.sampling import Sampler, Sampling
 
 
 @contextlib.contextmanager
@@ -121,43 +109,23 @@ def generation_memory_bytes(model_config, dtype: torch.dtype, batch: int, prompt
     return kv_cache + prefill + 2 * batch * model_config.vocab_size * 4
 
 
-@contextlib.contextmanager
-def _seeded(seed: Optional[int], device: torch.device):
-    """Sample from ``seed`` without disturbing the global RNG streams (None: use them as they are)."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
-        torch.manual_seed(seed)
-        yield
-
-
 class HybridEngine:
     """Generation with the training engine's own weights: no copy, no second model.
 
-    The actor's ``generation_config`` is replaced by one holding only our sampling settings, so a
-    checkpoint's own generation_config.json (repetition penalty, ...) cannot bend the sampling
-    distribution away from softmax(logits / temperature) (+ top-k/top-p) that PPO's log-probs assume.
-    ``last_generation`` says how the latest call ran: "unpartitioned" (ZeRO-0/1/2), "gathered" or
-    "partitioned" (ZeRO-3).
+    Samples through a ``sampling.Sampler`` (the one place that knows the sampling distribution and where a
+    response ends). ``last_generation`` says how the latest call ran: "unpartitioned" (ZeRO-0/1/2),
+    "gathered" or "partitioned" (ZeRO-3).
     """
 
-    def __init__(self, actor_engine, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, zero3_generation: str = "auto"):
+    def __init__(self, actor_engine, tokenizer: PreTrainedTokenizerBase, sampling: Sampling,
+                 zero3_generation: str = "auto"):
         if zero3_generation not in ZERO3_GENERATION:
             raise ValueError(f"zero3_generation={zero3_generation!r}: choose one of {', '.join(ZERO3_GENERATION)}")
         self.engine = actor_engine
+        self.sampler = Sampler(sampling, tokenizer)
         self.zero3_generation = zero3_generation
         self.last_generation: Optional[str] = None
         self.partitioned_calls = 0  # "auto" calls that fell back to partitioned generation
-        self.max_new_tokens = max_new_tokens
-        self.pad_token_id = tokenizer.pad_token_id
-        self.eos_token_id = tokenizer.eos_token_id
-        actor_engine.module.generation_config = GenerationConfig(
-            do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
-            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            use_cache=True,
-        )
 
     @property
     def zero3(self) -> bool:
@@ -172,7 +140,7 @@ class HybridEngine:
             return self.zero3_generation
         module = self.engine.module
         need = gather_bytes(module) + generation_memory_bytes(module.config, module.dtype, *input_ids.shape,
-                                                              self.max_new_tokens)
+                                                              self.sampler.sampling.max_new_tokens)
         free = memory.free_bytes(input_ids.device)
         if not any_rank(need > free, input_ids.device):
             return "gathered"
@@ -187,25 +155,20 @@ class HybridEngine:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  generator_seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample one response per prompt.
+        """Sample one response per prompt (``Sampler.sample``: sequences (B, P + R), response_mask (B, R)).
 
-        input_ids, attention_mask: (B, P), left-padded. Returns sequences (B, P + R) (prompt, then the
-        response padded with pad_token_id after an early stop) and response_mask (B, R) int64.
-        generator_seed: sample from this seed (restoring the RNG afterwards); None uses the global RNG.
+        input_ids, attention_mask: (B, P), left-padded. generator_seed: sample from this seed (restoring the
+        RNG afterwards); None uses the global RNG. The actor generates in eval mode (no dropout; transformers
+        skips gradient checkpointing outside training) and gets its previous mode back.
         A collective under ZeRO-3: all ranks must call it together. Partitioned generation steps every rank
         until all have finished (``synced_gpus``); gathered generation has no collective after the gather.
         """
         was_training = self.engine.module.training
-        self.engine.eval()  # no dropout; HF also skips gradient checkpointing outside training
+        self.engine.eval()
         self.last_generation = mode = self._mode(input_ids)
         try:
-            with _seeded(generator_seed, input_ids.device), torch_linear():
-                with gathered(self.engine) if mode == "gathered" else contextlib.nullcontext():
-                    sequences = self.engine.module.generate(
-                        input_ids=input_ids, attention_mask=attention_mask, synced_gpus=mode == "partitioned")
+            with torch_linear(), gathered(self.engine) if mode == "gathered" else contextlib.nullcontext():
+                return self.sampler.sample(self.engine.module, input_ids, attention_mask, seed=generator_seed,
+                                           synced_gpus=mode == "partitioned")
         finally:
             self.engine.train(was_training)
-        response = sequences[:, input_ids.shape[1]:]
-        response = F.pad(response, (0, self.max_new_tokens - response.shape[1]), value=self.pad_token_id)
-        sequences = torch.cat([input_ids, response], dim=1)
-        return sequences, response_mask_from_tokens(response, self.eos_token_id)

@@ -81,12 +81,26 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off everywhere, also in training mode (which the update needs for gradient checkpointing): the
+    PPO ratio compares the update's forward with the rollout's, and dropout would make it noise. Covers
+    ``nn.Dropout`` modules and attention modules that keep their probability as a float attribute (Qwen2's
+    ``attention_dropout``, 0 in its released configs anyway)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
 def load_policy(path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
-    """Actor or reference: a causal LM. KV cache off for training forwards (generation turns it back on)."""
+    """Actor or reference: a causal LM, dropout off. KV cache off for training forwards (generation turns it
+    back on)."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  use_safetensors=True)
     model.config.use_cache = False
-    return model
+    return disable_dropout(model)
 
 
 class CriticModel(nn.Module):
@@ -118,7 +132,7 @@ def load_critic(path: str, dtype: torch.dtype, trust_remote_code: bool = False) 
     backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                          use_safetensors=True)
     backbone.config.use_cache = False
-    critic = CriticModel(backbone)
+    critic = CriticModel(disable_dropout(backbone))
     head_file = os.path.join(path, VALUE_HEAD_FILE)
     if os.path.isfile(head_file):
         critic.value_head.load_state_dict({k: v.to(dtype) for k, v in load_file(head_file).items()})

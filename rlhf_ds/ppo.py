@@ -24,6 +24,19 @@ def masked_mean(x, mask, dim=None):
     return torch.where(mask, x, 0).sum(dim) / mask.sum(dim)
 
 
+def token_mean(x, mask, num_tokens=None):
+    """The one aggregation of every per-token loss and loss statistic: sum of x over valid tokens / num_tokens.
+
+    x, mask: (B, T) -> scalar. num_tokens=None divides by this batch's valid tokens (a plain masked mean).
+    Data-parallel training passes the valid tokens of the whole global mini-batch divided by the world size:
+    DeepSpeed then averages the ranks' gradients into exactly the token mean over all ranks' tokens, however
+    they are split (a rank's own mean would weight a token on a short-response rank more).
+    """
+    if num_tokens is None:
+        return masked_mean(x, mask)
+    return torch.where(mask.bool(), x, 0).sum() / num_tokens
+
+
 def masked_var(x, mask, unbiased=True):
     """Variance of x over valid positions only, as a scalar.
 
@@ -79,13 +92,23 @@ def logprobs_from_logits(logits, labels):
     ])
 
 
+def _entropy(logits):
+    """H = logsumexp(z) - sum(softmax(z) * z) over the last dim, in the logits' dtype."""
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
 def entropy_from_logits(logits):
     """Entropy of the categorical distribution at each position, for the entropy bonus.
 
-    logits: (B, T, V) -> (B, T). H = logsumexp(z) - sum(softmax(z) * z).
+    logits: (B, T, V) -> (B, T). bf16/fp16 logits are upcast to float32 one sequence at a time, as in
+    ``logprobs_from_logits``: in bf16 the sum over a 152k vocabulary loses ~0.1-0.2 nats and a small entropy
+    comes out 0 (so its bonus has no gradient), while a full (B, T, V) float32 copy would cost 4 bytes per
+    logit. float32/float64 logits keep their dtype.
     """
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    if logits.dtype in (torch.float32, torch.float64):
+        return _entropy(logits)
+    return torch.stack([_entropy(row_logits.float()) for row_logits in logits])
 
 
 def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
@@ -149,8 +172,8 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages, advantages + values
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
-    """PPO clipped surrogate loss, averaged over all valid tokens of the batch.
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range, num_tokens=None):
+    """PPO clipped surrogate loss, averaged over valid tokens (``token_mean``, num_tokens as there).
 
     logprobs, old_logprobs, advantages, mask: (B, T) -> (loss, clipfrac), scalars.
     loss = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))); clipfrac
@@ -160,13 +183,13 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range):
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), mask)
+    loss = token_mean(torch.maximum(unclipped, clipped), mask, num_tokens)
+    clipfrac = token_mean((clipped > unclipped).to(ratio.dtype), mask, num_tokens)
     return loss, clipfrac
 
 
-def value_loss(values, old_values, returns, mask, clip_range_value=None):
-    """Squared error of the value head against returns, optionally PPO-clipped.
+def value_loss(values, old_values, returns, mask, clip_range_value=None, num_tokens=None):
+    """Squared error of the value head against returns, optionally PPO-clipped (``token_mean``).
 
     values, old_values, returns, mask: (B, T) -> scalar. With clip_range_value
     c, the prediction may move at most c from old_values before the loss stops
@@ -175,29 +198,31 @@ def value_loss(values, old_values, returns, mask, clip_range_value=None):
     """
     unclipped = (values - returns).square()
     if clip_range_value is None:
-        return masked_mean(unclipped, mask)
+        return token_mean(unclipped, mask, num_tokens)
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     clipped = (clipped_values - returns).square()
-    return masked_mean(torch.maximum(unclipped, clipped), mask)
+    return token_mean(torch.maximum(unclipped, clipped), mask, num_tokens)
 
 
-def entropy_loss(entropy, mask, entropy_coef):
+def entropy_loss(entropy, mask, entropy_coef, num_tokens=None):
     """Negative entropy bonus: minimising it raises entropy and keeps exploration.
 
-    entropy, mask: (B, T) -> scalar.
+    entropy, mask: (B, T) -> scalar (``token_mean``).
     """
-    return -entropy_coef * masked_mean(entropy, mask)
+    return -entropy_coef * token_mean(entropy, mask, num_tokens)
 
 
 def total_loss(policy_loss, value_loss, entropy_loss, vf_coef):
-    """Single objective to backpropagate: policy + vf_coef * value + entropy terms (scalars)."""
+    """The logged sum policy + vf_coef * value + entropy terms (scalars). The actor and critic step separately
+    (their parameters do not overlap), on policy_loss + entropy_loss and vf_coef * value_loss: the gradient
+    of each part is the gradient of this sum with respect to that engine's parameters."""
     return policy_loss + vf_coef * value_loss + entropy_loss
 
 
-def explained_variance(values, returns, mask):
-    """Debug metric for the value head: 1 is perfect, 0 is no better than a constant.
+def approx_kl(logprobs, old_logprobs, mask, num_tokens=None):
+    """How far one update moved the policy: KL(old || new) by the k3 estimator, token-averaged.
 
-    values, returns, mask: (B, T) -> scalar, 1 - var(returns - values) / var(returns)
-    over valid positions. nan/inf when returns are constant.
+    logprobs, old_logprobs, mask: (B, T) -> scalar, mean of exp(r) - 1 - r with r = log pi - log pi_old.
     """
-    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask)
+    log_ratio = logprobs - old_logprobs
+    return token_mean(log_ratio.exp() - 1 - log_ratio, mask, num_tokens)

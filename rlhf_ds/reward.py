@@ -7,9 +7,36 @@ model, so training and scoring see identical inputs.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from rlhf_ds.data import question_from_prompt
+from rlhf_ds.sampling import answer_text
+
+# Used when neither the reward model's config nor its tokenizer states a length limit.
+DEFAULT_REWARD_MAX_LEN = 512
+
+
+def reward_context_limit(model_config, tokenizer) -> Optional[int]:
+    """The longest input the reward model was built for: the smaller of its position table
+    (``max_position_embeddings``; DeBERTa-v3: 512) and its tokenizer's ``model_max_length``; None when neither
+    states one (a tokenizer without a limit reports a huge sentinel)."""
+    limits = [getattr(model_config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [limit for limit in limits if isinstance(limit, int) and 0 < limit < 10**6]
+    return min(limits, default=None)
+
+
+def resolve_reward_max_len(requested: Optional[int], model_config, tokenizer) -> tuple[int, Optional[str]]:
+    """(tokens per pair, warning or None): ``requested`` capped at ``reward_context_limit`` (longer inputs
+    reach positions the model never saw, DeBERTa's relative buckets included), None meaning the limit itself."""
+    limit = reward_context_limit(model_config, tokenizer)
+    if requested is None:
+        return (limit or DEFAULT_REWARD_MAX_LEN), None
+    if limit is not None and requested > limit:
+        return limit, (f"reward_max_len={requested} exceeds the reward model's {limit}-token limit: capped at "
+                       f"{limit} (set reward_max_len to at most {limit}, or null, to silence this)")
+    return requested, None
 
 
 def encode_pairs(tokenizer, questions: list[str], answers: list[str], max_len: int) -> dict:
@@ -40,17 +67,21 @@ def score_pairs(model, tokenizer, questions: list[str], answers: list[str], max_
 
 
 def decode_rollout(policy_tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                   response_ids: torch.Tensor, response_mask: torch.Tensor) -> tuple[list[str], list[str]]:
+                   response_ids: torch.Tensor, response_mask: torch.Tensor,
+                   stop_strings: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
     """(questions, answers) text of a rollout, as the reward model should read it.
 
     prompt_ids/prompt_mask (B, P) left-padded; response_ids/response_mask (B, R), mask 1 up to and including
-    the first EOS. Special tokens (EOS, padding) are dropped from the text.
+    the token that ended the response (EOS or a stop string's last token). Special tokens (EOS, padding) are
+    dropped from the text, and so is a stop string with anything after it: a turn the policy invented for the
+    user is not part of its answer.
     """
     questions, answers = [], []
     for ids, keep, resp, resp_keep in zip(prompt_ids, prompt_mask, response_ids, response_mask):
         prompt = policy_tokenizer.decode(ids[keep.bool()], skip_special_tokens=True)
         questions.append(question_from_prompt(prompt))
-        answers.append(policy_tokenizer.decode(resp[resp_keep.bool()], skip_special_tokens=True).strip())
+        answer = policy_tokenizer.decode(resp[resp_keep.bool()], skip_special_tokens=True)
+        answers.append(answer_text(answer, stop_strings).strip())
     return questions, answers
 
 

@@ -7,6 +7,7 @@ all-reduced, so every rank holds the same ``kl_coef`` at every iteration.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -18,12 +19,13 @@ from rlhf_ds.checkpoint import export_model, load_checkpoint, save_checkpoint
 from rlhf_ds.config import PPOConfig
 from rlhf_ds.data import PromptCollator, PromptLoader
 from rlhf_ds.distributed import (all_reduce_max, all_reduce_mean, all_reduce_sum, any_rank, get_rank,
-                                 get_world_size, global_masked_mean, global_masked_whiten, is_main_process)
+                                 get_world_size, global_explained_variance, global_masked_mean,
+                                 global_masked_whiten, global_token_counts, is_main_process)
 from rlhf_ds.engines import Engines
 from rlhf_ds.experience import Experience, ExperienceMaker, response_logits, response_values
 from rlhf_ds.hybrid import HybridEngine
 from rlhf_ds.kl_control import make_kl_controller
-from rlhf_ds.reward import RunningMoments
+from rlhf_ds.reward import RunningMoments, resolve_reward_max_len
 from rlhf_ds.signals import StopSignals
 from rlhf_ds.tracking import RunLogger
 
@@ -50,6 +52,20 @@ class PhaseMeter:
         self._start = now
 
 
+@contextlib.contextmanager
+def training_mode(*engines):
+    """Inside: the engines in training mode, which transformers needs to recompute checkpointed activations
+    (``gradient_checkpointing``; dropout is off in every mode, ``models.disable_dropout``); eval mode after,
+    for generation and the experience forwards."""
+    for engine in engines:
+        engine.train()
+    try:
+        yield
+    finally:
+        for engine in engines:
+            engine.eval()
+
+
 class PPOTrainer:
     """Runs PPO iterations on four engines; ``prompts`` are this run's training prompts (all ranks the same)."""
 
@@ -61,11 +77,15 @@ class PPOTrainer:
         tokenizer = engines.policy_tokenizer
         self.collate = PromptCollator(tokenizer, config.max_prompt_len)
         self.loader = PromptLoader(prompts, config.rollout_batch_size, config.seed, self.rank, self.world_size)
-        self.generator = HybridEngine(engines.actor, tokenizer, config.max_new_tokens, config.temperature,
-                                      config.top_k, config.top_p, config.zero3_generation)
+        sampling = config.sampling()
+        self.generator = HybridEngine(engines.actor, tokenizer, sampling, config.zero3_generation)
+        reward_max_len, warning = resolve_reward_max_len(config.reward_max_len, engines.reward.module.config,
+                                                         engines.reward_tokenizer)
+        if warning and is_main_process():
+            print(f"warning: {warning}", flush=True)
         self.experience_maker = ExperienceMaker(engines.actor, engines.critic, engines.reference, engines.reward,
-                                                tokenizer, engines.reward_tokenizer, config.temperature,
-                                                config.reward_max_len, config.mini_batch_size)
+                                                tokenizer, engines.reward_tokenizer, sampling, reward_max_len,
+                                                config.mini_batch_size)
         self.kl_controller = make_kl_controller(config)
         self.score_moments = RunningMoments()
         self.iteration = 0
@@ -98,13 +118,81 @@ class PPOTrainer:
             exp.advantages = global_masked_whiten(exp.advantages, mask)
         kl_divergence = global_masked_mean(kl, mask).item()  # token-weighted over all ranks
 
-        update_metrics = self.update(exp)
+        update_metrics, skipped_minibatches = self.update(exp)
         meter.lap("update")
-        if update_metrics is None:
-            return self._skip("non-finite loss", meter)
+        if not update_metrics:
+            return self._skip("non-finite loss", meter, skipped_minibatches)
         self.kl_controller.update(kl_divergence, cfg.rollout_batch_size * self.world_size)
         self.consecutive_skips = 0
+        return self._metrics(exp, rewards, kl_divergence, kl_coef, update_metrics, skipped_minibatches, meter)
 
+    def update(self, exp: Experience) -> tuple[dict, int]:
+        """``ppo_epochs`` passes of shuffled mini-batches through actor and critic, in training mode.
+
+        Actor: policy_loss + entropy_loss. Critic: vf_coef * value_loss. Each steps through its DeepSpeed
+        engine (gradient all-reduce, clipping, ZeRO). Every loss is a token mean over the global mini-batch
+        (``ppo.token_mean`` with the valid tokens of all ranks, counted in one all-reduce per epoch), so a
+        token weighs the same whichever rank holds it. A mini-batch whose loss is non-finite on any rank is
+        skipped by every rank before any backward (that agreement is the loop's one host-device
+        synchronisation of its own; the metrics stay on the device until the end).
+
+        Returns the metrics averaged over the mini-batches that stepped (empty when none did) and the number
+        of skipped mini-batches.
+        """
+        cfg = self.config
+        actor, critic = self.engines.actor, self.engines.critic
+        generator = torch.Generator().manual_seed(self._sample_seed())
+        sums: dict[str, torch.Tensor] = {}
+        steps = skipped = 0
+        with training_mode(actor, critic):
+            for _ in range(cfg.ppo_epochs):
+                order = torch.randperm(exp.sequences.shape[0], generator=generator)
+                minibatches = [exp.select(index.to(self.device)) for index in order.split(cfg.mini_batch_size)]
+                global_tokens = global_token_counts([mb.response_mask for mb in minibatches])
+                for mb, tokens in zip(minibatches, global_tokens):
+                    losses = self._minibatch_losses(mb, num_tokens=tokens / self.world_size)
+                    actor_loss = losses["policy_loss"] + losses["entropy_loss"]
+                    critic_loss = cfg.vf_coef * losses["value_loss"]
+                    if any_rank(not bool(torch.isfinite(actor_loss) & torch.isfinite(critic_loss)), self.device):
+                        skipped += 1
+                        continue
+                    actor.backward(actor_loss)
+                    actor.step()
+                    critic.backward(critic_loss)
+                    critic.step()
+                    for name, value in losses.items():
+                        sums[name] = sums.get(name, 0.0) + value.detach().double()  # as Python floats would sum
+                    steps += 1
+        if steps == 0:
+            return {}, skipped
+        return dict(zip(sums, (torch.stack(list(sums.values())) / steps).tolist())), skipped
+
+    def _minibatch_losses(self, mb: Experience, num_tokens: float) -> dict[str, torch.Tensor]:
+        """The losses (with grad) and statistics (without) of one mini-batch, each a ``ppo.token_mean`` with
+        ``num_tokens`` as denominator."""
+        cfg = self.config
+        mask = mb.response_mask
+        logits = response_logits(self.engines.actor, mb.sequences, mb.attention_mask, mb.prompt_len,
+                                 cfg.temperature)
+        logprobs = ppo.logprobs_from_logits(logits, mb.sequences[:, mb.prompt_len:])
+        entropy = ppo.entropy_from_logits(logits)
+        del logits
+        policy_loss, clipfrac = ppo.policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, cfg.clip_range,
+                                                num_tokens)
+        values = response_values(self.engines.critic, mb.sequences, mb.attention_mask, mb.prompt_len)
+        with torch.no_grad():
+            statistics = {"entropy": ppo.token_mean(entropy, mask, num_tokens), "clipfrac": clipfrac,
+                          "approx_kl": ppo.approx_kl(logprobs, mb.old_logprobs, mask, num_tokens)}
+        return {"policy_loss": policy_loss,
+                "entropy_loss": ppo.entropy_loss(entropy, mask, cfg.entropy_coef, num_tokens),
+                "value_loss": ppo.value_loss(values, mb.values, mb.returns, mask, cfg.clip_range_value, num_tokens),
+                **statistics}
+
+    def _metrics(self, exp: Experience, rewards: torch.Tensor, kl_divergence: float, kl_coef: float,
+                 update_metrics: dict, skipped_minibatches: int, meter: PhaseMeter) -> dict:
+        """The iteration's metrics, the same on every rank: this rank's figures averaged over ranks (equal row
+        counts make that the global mean), peaks maxed, token statistics over all ranks' tokens."""
+        mask = exp.response_mask
         sequence_reward = (rewards * mask).sum(1)
         local = {
             "score_mean": exp.scores.mean().item(),
@@ -112,7 +200,6 @@ class PPOTrainer:
             "reward_mean": sequence_reward.mean().item(),
             "reward_sq": sequence_reward.square().mean().item(),
             "response_length": mask.sum(1).mean().item(),
-            "value_explained_var": ppo.explained_variance(exp.values, exp.returns, mask).item(),
             "tokens": mask.sum().item(),
             "generation_partitioned": float(self.generator.last_generation == "partitioned"),
             **update_metrics, **meter.seconds,
@@ -120,59 +207,16 @@ class PPOTrainer:
         metrics = {**all_reduce_mean(local), **all_reduce_max(meter.peak_mb)}
         for name in ("score", "reward"):
             metrics[f"{name}_std"] = max(metrics.pop(f"{name}_sq") - metrics[f"{name}_mean"] ** 2, 0.0) ** 0.5
+        explained_var = global_explained_variance(exp.values, exp.returns, mask)
+        if explained_var is not None:  # undefined with fewer than 2 valid tokens over all ranks
+            metrics["value_explained_var"] = explained_var
         tokens = metrics.pop("tokens") * self.world_size
-        seconds = sum(meter.seconds.values())
         metrics.update(iteration=self.iteration, kl_divergence=kl_divergence, kl_coef=kl_coef,
                        next_kl_coef=self.kl_controller.value, skipped_batches=self.skipped_batches,
-                       tokens_per_s=tokens / seconds,
+                       skipped_minibatches=skipped_minibatches, tokens_per_s=tokens / sum(meter.seconds.values()),
                        total_loss=ppo.total_loss(metrics["policy_loss"], metrics["value_loss"],
-                                                 metrics["entropy_loss"], cfg.vf_coef))
+                                                 metrics["entropy_loss"], self.config.vf_coef))
         return metrics
-
-    def update(self, exp: Experience) -> dict | None:
-        """``ppo_epochs`` passes of shuffled mini-batches through actor and critic; None if a loss was non-finite.
-
-        Actor: policy_loss + entropy_loss. Critic: vf_coef * value_loss. Each steps through its DeepSpeed
-        engine (gradient all-reduce, clipping, ZeRO). Non-finiteness is agreed on by all ranks before any
-        backward, so no rank steps alone: that is the loop's one host-device synchronisation of its own;
-        the metrics stay on the device until the end.
-        """
-        cfg = self.config
-        actor, critic = self.engines.actor, self.engines.critic
-        generator = torch.Generator().manual_seed(self._sample_seed())
-        sums: dict[str, torch.Tensor] = {}
-        steps = 0
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(exp.sequences.shape[0], generator=generator)
-            for index in order.split(cfg.mini_batch_size):
-                mb = exp.select(index.to(self.device))
-                mask = mb.response_mask
-                logits = response_logits(actor, mb.sequences, mb.attention_mask, mb.prompt_len, cfg.temperature)
-                logprobs = ppo.logprobs_from_logits(logits, mb.sequences[:, mb.prompt_len:])
-                entropy = ppo.entropy_from_logits(logits)
-                del logits
-                policy_loss, clipfrac = ppo.policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask,
-                                                        cfg.clip_range)
-                entropy_loss = ppo.entropy_loss(entropy, mask, cfg.entropy_coef)
-                values = response_values(critic, mb.sequences, mb.attention_mask, mb.prompt_len)
-                value_loss = ppo.value_loss(values, mb.values, mb.returns, mask, cfg.clip_range_value)
-                actor_loss, critic_loss = policy_loss + entropy_loss, cfg.vf_coef * value_loss
-                if any_rank(not bool(torch.isfinite(actor_loss) & torch.isfinite(critic_loss)), self.device):
-                    return None
-                actor.backward(actor_loss)
-                actor.step()
-                critic.backward(critic_loss)
-                critic.step()
-                with torch.no_grad():
-                    log_ratio = logprobs - mb.old_logprobs
-                    approx_kl = ppo.masked_mean(log_ratio.exp() - 1 - log_ratio, mask)
-                    entropy_mean = ppo.masked_mean(entropy, mask)
-                for name, value in (("policy_loss", policy_loss), ("value_loss", value_loss),
-                                    ("entropy_loss", entropy_loss), ("entropy", entropy_mean),
-                                    ("clipfrac", clipfrac), ("approx_kl", approx_kl)):
-                    sums[name] = sums.get(name, 0.0) + value.detach().double()  # as Python floats would sum
-                steps += 1
-        return dict(zip(sums, (torch.stack(list(sums.values())) / steps).tolist()))
 
     # --- helpers ------------------------------------------------------------------------------------------
     def _sample_seed(self) -> int:
@@ -190,8 +234,9 @@ class PPOTrainer:
         self.score_moments.update(mean, max(total_sq / count - mean**2, 0.0), int(count))
         return self.score_moments.normalize(scores)
 
-    def _skip(self, reason: str, meter: PhaseMeter) -> dict:
-        """Count a rollout that must not reach an update; stop the run after too many in a row."""
+    def _skip(self, reason: str, meter: PhaseMeter, skipped_minibatches: int = 0) -> dict:
+        """Count a rollout that changed no weight (a non-finite score, or every mini-batch's loss non-finite):
+        no controller update, and the run stops after ``max_skipped_batches`` in a row."""
         self.skipped_batches += 1
         self.consecutive_skips += 1
         if self.consecutive_skips >= self.config.max_skipped_batches:
@@ -199,7 +244,7 @@ class PPOTrainer:
                                 f"{self.iteration}: check the reward model and lower actor_lr/critic_lr "
                                 f"(max_skipped_batches={self.config.max_skipped_batches})")
         return {"iteration": self.iteration, "skipped_batches": self.skipped_batches, "skip_reason": reason,
-                "kl_coef": self.kl_controller.value, **meter.seconds}
+                "skipped_minibatches": skipped_minibatches, "kl_coef": self.kl_controller.value, **meter.seconds}
 
     # --- state for checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

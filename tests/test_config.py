@@ -32,9 +32,9 @@ def test_from_args_overrides_file_and_parses_types(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"kl_coef": 0.5, "iterations": 3}))
     c = PPOConfig.from_args(["--local_rank=1", "--config", str(path), "--kl_coef", "0.3",
-                             "--adaptive_kl", "false", "--reward_clip", "none", "--top_k=5"])
+                             "--adaptive_kl", "false", "--reward_clip", "none", "--max_new_tokens=5"])
     assert c.kl_coef == 0.3 and c.iterations == 3 and c.adaptive_kl is False
-    assert c.reward_clip is None and c.top_k == 5
+    assert c.reward_clip is None and c.max_new_tokens == 5
 
 
 def test_int_accepted_for_float_field():

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from rlhf_ds.distributed import (WHITEN_EPS, all_reduce_max, all_reduce_mean, barrier, get_rank, get_world_size,
-                                 global_masked_mean, global_masked_whiten, is_main_process)
-from rlhf_ds.hybrid import response_mask_from_tokens
+                                 global_explained_variance, global_masked_mean, global_masked_whiten,
+                                 global_token_counts, is_main_process)
+from rlhf_ds.sampling import response_mask_from_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 DIST = REPO / "tests" / "dist"
@@ -146,8 +147,17 @@ def test_helpers_without_process_group():
     torch.testing.assert_close(global_masked_whiten(x, mask), expected)
     assert all_reduce_mean({"b": 2, "a": 1.0}) == {"a": 1.0, "b": 2.0}
     assert all_reduce_max({"b": 2, "a": 1.0}) == {"a": 1.0, "b": 2.0}
-    with pytest.raises(ValueError, match="at least 2 valid tokens"):
-        global_masked_whiten(x, torch.tensor([[1, 0, 0], [0, 0, 0]]))
+    # One valid token over all ranks: no spread to divide by, so it is only centred (to 0), never an error.
+    one_token = torch.tensor([[1, 0, 0], [0, 0, 0]])
+    assert global_masked_whiten(x, one_token).tolist() == [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    assert global_masked_whiten(x, one_token, shift_mean=False).tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    # The critic's explained variance over the pooled tokens, against its definition; absent below 2 tokens.
+    values, returns = torch.tensor([[0.5, 1.0, 9.0], [2.0, 0.0, 0.0]]), x
+    residual, target = [1.0 - 0.5, 2.0 - 1.0, 3.0 - 9.0, 4.0 - 2.0], [1.0, 2.0, 3.0, 4.0]
+    expected_ev = 1 - torch.tensor(residual).var() / torch.tensor(target).var()
+    assert global_explained_variance(values, returns, mask) == pytest.approx(expected_ev.item())
+    assert global_explained_variance(values, returns, one_token) is None
+    assert global_token_counts([mask, one_token]) == [4.0, 1.0]
 
 
 def _bare_env(**extra: str) -> dict:

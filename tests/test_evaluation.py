@@ -13,8 +13,8 @@ import torch
 from rlhf_ds.config import PPOConfig
 from rlhf_ds.data import load_prompts
 from rlhf_ds.embedded import resolve_model_paths
-from rlhf_ds.evaluation import (evaluate, evaluate_policy, load_models, sample_responses, sequence_kl, summarize,
-                                use_sampling_settings)
+from rlhf_ds.evaluation import evaluate, evaluate_policy, load_models, sequence_kl, summarize
+from rlhf_ds.sampling import Sampler, Sampling
 from rlhf_ds.models import load_tokenizer, tiny_qwen2_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +71,7 @@ def test_policy_against_itself_gives_identical_samples_win_rate_half_and_zero_kl
     assert models["policy"] is not models["reference"]
     prompts, _ = load_prompts("embedded", "test", NUM_PROMPTS)
     rng_before = torch.get_rng_state()
-    records = evaluate(**models, prompts=prompts, max_prompt_len=128, max_new_tokens=NEW_TOKENS,
+    records = evaluate(**models, prompts=prompts, sampling=Sampling(max_new_tokens=NEW_TOKENS), max_prompt_len=128,
                        batch_size=BATCH, seed=0)
     assert torch.equal(torch.get_rng_state(), rng_before)  # seeded sampling leaves the global RNG alone
     summary = summarize(records)
@@ -87,10 +87,10 @@ def test_policy_against_itself_gives_identical_samples_win_rate_half_and_zero_kl
 
     # The agreement comes from the shared seed, not from deterministic decoding: another seed samples other text.
     tokenizer = models["policy_tokenizer"]
-    use_sampling_settings(models["policy"], tokenizer, NEW_TOKENS, 1.0, 0, 1.0)
+    sampler = Sampler(Sampling(max_new_tokens=NEW_TOKENS), tokenizer)
     batch = tokenizer(prompts[:BATCH], add_special_tokens=False, padding=True, return_tensors="pt")
-    samples = [sample_responses(models["policy"], batch["input_ids"], batch["attention_mask"], seed, NEW_TOKENS,
-                                tokenizer.pad_token_id, tokenizer.eos_token_id)[0] for seed in (0, 0, 1)]
+    samples = [sampler.sample(models["policy"], batch["input_ids"], batch["attention_mask"], seed=seed)[0]
+               for seed in (0, 0, 1)]
     assert torch.equal(samples[0], samples[1]) and not torch.equal(samples[0], samples[2])
 
 
@@ -117,7 +117,7 @@ def test_sequence_kl_equals_a_per_sequence_loop_over_unpadded_rows():
         prompt_mask[row, prompt_width - n_prompt:] = 1
         if n_valid < response_len or row == 3:
             response[row, n_valid - 1] = eos
-    from rlhf_ds.hybrid import response_mask_from_tokens
+    from rlhf_ds.sampling import response_mask_from_tokens
 
     response_mask = response_mask_from_tokens(response, eos)
     assert response_mask.sum(1).tolist() == valid

@@ -12,7 +12,7 @@ import pytest
 
 from rlhf_ds.config import PPOConfig
 from rlhf_ds.embedded import build
-from rlhf_ds.kl_control import StepKLController
+from test_trainer import step_rule
 
 REPO = Path(__file__).resolve().parents[1]
 ITERATIONS = 40
@@ -45,20 +45,29 @@ def test_kl_bounded_and_coefficient_follows_the_rule(run):
     assert max(m["kl_divergence"] for m in metrics) < 0.2
     for m in metrics:
         assert config.kl_coef_min <= m["next_kl_coef"] <= config.kl_coef_max
-        rule = StepKLController(m["kl_coef"], config.target_kl, min_coef=config.kl_coef_min,
-                                max_coef=config.kl_coef_max)
-        assert m["next_kl_coef"] == pytest.approx(rule.update(m["kl_divergence"], 1))
+        expected = step_rule(m["kl_coef"], m["kl_divergence"], config.target_kl, config.kl_coef_min,
+                             config.kl_coef_max)
+        assert m["next_kl_coef"] == pytest.approx(expected)
     assert len({m["kl_coef"] for m in metrics}) > 1  # the controller acted
 
 
 def test_trained_policy_is_exported_for_transformers(run):
-    from transformers import pipeline
+    """pipeline("text-generation") loads the export with exactly the exported (trained, not initial) weights."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, pipeline
 
     stdout, _, config = run
     assert f"policy saved to {config.output_dir}/policy" in stdout
     generate = pipeline("text-generation", model=f"{config.output_dir}/policy")
-    text = generate("\n\nHuman: How do I cook rice?\n\nAssistant:", max_new_tokens=8)[0]["generated_text"]
-    assert text.startswith("\n\nHuman: How do I cook rice?\n\nAssistant:")
+    exported = load_file(f"{config.output_dir}/policy/model.safetensors")
+    initial = AutoModelForCausalLM.from_pretrained(build().policy).state_dict()
+    loaded = generate.model.state_dict()
+    assert exported and all(torch.equal(loaded[name], tensor) for name, tensor in exported.items())
+    assert any(not torch.equal(initial[name], tensor) for name, tensor in exported.items())
+    answer = generate("\n\nHuman: How do I cook rice?\n\nAssistant:", max_new_tokens=8, do_sample=False,
+                      return_full_text=False)[0]["generated_text"]
+    assert answer.strip()
 
 
 def test_start_up_prints_config_and_placement(run):

@@ -1,10 +1,13 @@
 """Cross-tokenizer reward path: the reward model reads exactly the text the policy generated."""
+from pathlib import Path
+
 import pytest
 import torch
 
 from rlhf_ds import corpus
 from rlhf_ds.embedded import build_policy_tokenizer, build_reward_tokenizer
-from rlhf_ds.reward import RunningMoments, decode_rollout, encode_pairs
+from rlhf_ds.config import PPOConfig
+from rlhf_ds.reward import RunningMoments, decode_rollout, encode_pairs, resolve_reward_max_len
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +61,25 @@ def test_running_moments_match_full_statistics():
     assert moments.mean == pytest.approx(data.mean().item())
     assert moments.var == pytest.approx(data.var(unbiased=False).item())
     assert moments.normalize(data).mean().item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_reward_max_len_is_capped_at_the_reward_models_limit():
+    """DeBERTa-v3's 512 positions (the OpenAssistant model's config and tokenizer both say 512): asking for 1024
+    is capped with a one-line warning naming the field; None means the model's own limit."""
+    from types import SimpleNamespace
+
+    deberta_v3 = SimpleNamespace(max_position_embeddings=512)
+    tokenizer = SimpleNamespace(model_max_length=512)
+    value, warning = resolve_reward_max_len(1024, deberta_v3, tokenizer)
+    assert value == 512 and "reward_max_len=1024" in warning and "\n" not in warning
+    assert resolve_reward_max_len(None, deberta_v3, tokenizer) == (512, None)
+    assert resolve_reward_max_len(256, deberta_v3, tokenizer) == (256, None)
+    no_limit = SimpleNamespace(model_max_length=int(1e30))  # what a tokenizer without a limit reports
+    assert resolve_reward_max_len(None, SimpleNamespace(max_position_embeddings=128), no_limit) == (128, None)
+    assert resolve_reward_max_len(None, SimpleNamespace(), no_limit) == (512, None)
+
+
+def test_shipped_real_run_config_fits_the_reward_model():
+    config = PPOConfig.from_file(str(Path(__file__).resolve().parents[1] / "launch" / "configs" / "qwen2_hh.yaml"))
+    assert config.reward_max_len is None or config.reward_max_len <= 512
+    assert config.stop_strings == ["\n\nHuman:"] and config.gradient_checkpointing

@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 from rlhf_ds.embedded import build
 from rlhf_ds.models import load_reward_model, load_tokenizer
 from rlhf_ds.experience import ExperienceMaker
-from rlhf_ds.kl_control import StepKLController
 from rlhf_ds.models import CriticModel
+from rlhf_ds.sampling import Sampling
 from test_distributed import launch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,17 +37,47 @@ def two_rank_run(request, embedded, tmp_path_factory):
                   "--output_dir", str(out / "run"))
 
 
-def test_ranks_agree_on_every_metric_and_kl_coef(two_rank_run):
+def test_metrics_equal_an_independent_recomputation_from_both_ranks(two_rank_run):
+    """Each logged statistic against what the two ranks' own rollouts give when pooled by hand (population
+    statistics over all rows): an all-reduce that averaged the wrong thing, or one rank's number, fails here."""
     rank0, rank1 = two_rank_run
     assert len(rank0["history"]) == 3
-    for m0, m1 in zip(rank0["history"], rank1["history"]):
-        assert set(m0) == set(m1)
-        for key in m0:
-            assert m0[key] == m1[key] or key.startswith("time_") or key == "tokens_per_s", key
-        assert m0["kl_coef"] == m1["kl_coef"] and m0["next_kl_coef"] == m1["next_kl_coef"]
-        # per-phase peaks: the larger rank's, so equal on both; a rank holds its models, so > 0
-        assert all(m0[f"peak_memory_{phase}_mb"] > 0 for phase in ("generation", "experience", "update"))
-        assert m0["generation_partitioned"] == 0.0
+    for i, metrics in enumerate(rank0["history"]):
+        r0, r1 = rank0["rollouts"][i], rank1["rollouts"][i]
+        scores, lengths = r0["scores"] + r1["scores"], r0["lengths"] + r1["lengths"]
+        mean = sum(scores) / len(scores)
+        assert metrics["score_mean"] == pytest.approx(mean, rel=1e-6, abs=1e-7)
+        assert metrics["score_std"] == pytest.approx((sum((s - mean) ** 2 for s in scores) / len(scores)) ** 0.5,
+                                                     rel=1e-5, abs=1e-6)
+        assert metrics["response_length"] == pytest.approx(sum(lengths) / len(lengths))
+        assert rank1["history"][i]["score_mean"] == metrics["score_mean"]
+        assert all(metrics[f"peak_memory_{phase}_mb"] > 0 for phase in ("generation", "experience", "update"))
+        assert metrics["generation_partitioned"] == 0.0 and metrics["skipped_minibatches"] == 0
+
+
+def test_reference_logprobs_are_the_initial_policy_and_old_ones_the_actor(two_rank_run, embedded):
+    """ref_logprobs recomputed by a plain forward of the initial policy, loaded separately; old_logprobs equal
+    them at iteration 0 (the actor is the initial policy) and differ once the actor has trained, so swapping the
+    two fields (or scoring with the wrong model) fails here."""
+    model = AutoModelForCausalLM.from_pretrained(embedded.policy).eval()
+    for result in two_rank_run:
+        for iteration, rollout in enumerate(result["rollouts"]):
+            sequences, response_mask = torch.tensor(rollout["sequences"]), torch.tensor(rollout["response_mask"])
+            prompt_mask = torch.tensor(rollout["prompt_mask"])
+            attention_mask = torch.cat([prompt_mask, response_mask], 1)
+            positions = (attention_mask.cumsum(1) - 1).clamp_min(0)
+            with torch.no_grad():
+                logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions).logits
+            prompt_len = prompt_mask.shape[1]
+            expected = torch.log_softmax(logits[:, prompt_len - 1:-1].double(), -1).gather(
+                -1, sequences[:, prompt_len:, None]).squeeze(-1)
+            valid = response_mask.bool()
+            for name in ("ref_logprobs",) + (("old_logprobs",) if iteration == 0 else ()):
+                torch.testing.assert_close(torch.tensor(rollout[name], dtype=torch.float64)[valid], expected[valid],
+                                           rtol=0, atol=1e-4, msg=name)
+            if iteration > 0:
+                moved = (torch.tensor(rollout["old_logprobs"], dtype=torch.float64) - expected)[valid].abs().max()
+                assert moved > 1e-3, iteration
 
 
 def test_actor_identical_on_both_ranks_and_frozen_models_unchanged(two_rank_run):
@@ -75,13 +105,23 @@ def test_kl_statistic_is_the_token_weighted_global_mean(two_rank_run):
     assert counts_differ, "ranks had equal valid-token counts: the test would not tell the two means apart"
 
 
+def step_rule(kl_coef: float, kl: float, target: float, low: float, high: float) -> float:
+    """The adaptive KL rule as the brief states it, written out, then clamped to [low, high]."""
+    if kl > 2 * target:
+        kl_coef *= 1.5
+    elif kl < 0.5 * target:
+        kl_coef *= 0.5
+    return min(max(kl_coef, low), high)
+
+
 def test_kl_coef_follows_the_step_rule(two_rank_run):
     history = two_rank_run[0]["history"]
+    assert history[0]["kl_coef"] == 0.2  # the configured start
     for before, after in zip(history, history[1:]):
         assert after["kl_coef"] == before["next_kl_coef"]
     for metrics in history:
-        rule = StepKLController(metrics["kl_coef"], 0.01, min_coef=0.05, max_coef=2.0)
-        assert metrics["next_kl_coef"] == pytest.approx(rule.update(metrics["kl_divergence"], 1))
+        expected = step_rule(metrics["kl_coef"], metrics["kl_divergence"], 0.01, 0.05, 2.0)
+        assert metrics["next_kl_coef"] == pytest.approx(expected)
 
 
 # --- experience (one process, plain models) --------------------------------------------------------------
@@ -93,7 +133,7 @@ def test_batched_experience_equals_per_sequence_and_ignores_left_padding(embedde
     critic = CriticModel(policy.model)
     torch.nn.init.normal_(critic.value_head.weight, std=0.1)
     maker = ExperienceMaker(policy, critic, policy, reward, tok, reward_tok,
-                            temperature=0.7, reward_max_len=64, micro_batch_size=4)
+                            Sampling(temperature=0.7), reward_max_len=64, micro_batch_size=4)
     prompts = ["\n\nHuman: How do I cook rice?\n\nAssistant:",
                "\n\nHuman: Hi there.\n\nAssistant: Hello!\n\nHuman: What should I feed my cat?\n\nAssistant:",
                "\n\nHuman: Is yoga good exercise?\n\nAssistant:"]

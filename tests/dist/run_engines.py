@@ -25,6 +25,7 @@ from rlhf_ds import hybrid as hybrid_module
 from rlhf_ds import memory
 from rlhf_ds.hybrid import HybridEngine
 from rlhf_ds.models import position_ids_from_mask
+from rlhf_ds.sampling import Sampling
 
 BATCH = 3
 MAX_NEW_TOKENS = 12
@@ -42,6 +43,14 @@ def digest(engine) -> str:
             sha.update(name.encode())
             sha.update(param.detach().float().cpu().numpy().tobytes())
     return sha.hexdigest()
+
+
+def gathered_state(engine) -> dict[str, torch.Tensor]:
+    """Every parameter of the engine's module, whole (gathered under ZeRO-3), as CPU float32 copies."""
+    params = list(engine.module.parameters())
+    with (deepspeed.zero.GatheredParameters(params) if engine.zero_optimization_partition_weights()
+          else contextlib.nullcontext()):
+        return {name: param.detach().float().cpu().clone() for name, param in engine.module.named_parameters()}
 
 
 def actor_loss(engine, sequences, attention_mask, response_mask, prompt_len):
@@ -76,7 +85,7 @@ def main() -> None:
     engines = build_engines(config, policy, policy, os.path.join(args.models, "reward"))
     rank = get_rank()
     device = engines.actor.device
-    hybrid = HybridEngine(engines.actor, engines.policy_tokenizer, MAX_NEW_TOKENS)
+    hybrid = HybridEngine(engines.actor, engines.policy_tokenizer, Sampling(max_new_tokens=MAX_NEW_TOKENS))
     batch = fixtures.prompts(engines.policy_tokenizer, rank, BATCH).to(device)
     prompt_len = batch["input_ids"].shape[1]
     result = {"rank": rank, "prompt_len": prompt_len, "pad_token_id": engines.policy_tokenizer.pad_token_id,
@@ -93,7 +102,7 @@ def main() -> None:
     result["generation"] = hybrid.last_generation
     result["gather_bytes"] = hybrid_module.gather_bytes(engines.actor.module)
     if hybrid.zero3:
-        partitioned = HybridEngine(engines.actor, engines.policy_tokenizer, MAX_NEW_TOKENS,
+        partitioned = HybridEngine(engines.actor, engines.policy_tokenizer, Sampling(max_new_tokens=MAX_NEW_TOKENS),
                                    zero3_generation="partitioned")
         start = time.perf_counter()
         naive, naive_mask = partitioned.generate(batch["input_ids"], batch["attention_mask"],

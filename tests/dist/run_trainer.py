@@ -1,9 +1,9 @@
 """Per-rank half of the trainer tests: ``deepspeed --num_gpus 2 --no_local_rank run_trainer.py OUT [--field value]``.
 
 Runs PPO iterations exactly as launch/train.py does (same config parsing, engines and trainer) and writes per
-rank: every iteration's metrics, each rollout's KL sum and valid-token count (to recompute the global KL
-statistic independently), digests of the actor (gathered), reference and reward parameters, and how far the
-exported policy's logits are from the trained engine's.
+rank: every iteration's metrics, each rollout's tokens, masks, scores and log-probs (to recompute the global
+statistics and the reference log-probs independently), digests of the actor (gathered), reference and reward
+parameters, and how far the exported policy's logits are from the trained engine's.
 """
 import json
 import os
@@ -35,10 +35,14 @@ def main() -> None:
     rollouts = []
     make = trainer.experience_maker.make
 
-    def recording_make(*args):
-        exp = make(*args)
+    def recording_make(prompt_mask, sequences, response_mask):
+        exp = make(prompt_mask, sequences, response_mask)
         log_ratio = (exp.old_logprobs - exp.ref_logprobs) * exp.response_mask  # k1 per token
-        rollouts.append({"kl_sum": log_ratio.double().sum().item(), "tokens": exp.response_mask.sum().item()})
+        rollouts.append({"kl_sum": log_ratio.double().sum().item(), "tokens": exp.response_mask.sum().item(),
+                         "scores": exp.scores.tolist(), "lengths": exp.response_mask.sum(1).tolist(),
+                         "prompt_mask": prompt_mask.tolist(), "sequences": sequences.tolist(),
+                         "response_mask": response_mask.tolist(), "old_logprobs": exp.old_logprobs.tolist(),
+                         "ref_logprobs": exp.ref_logprobs.tolist()})
         return exp
 
     trainer.experience_maker.make = recording_make

@@ -62,6 +62,10 @@ def main(argv: list[str]) -> int:
     except RuntimeError:
         print(f"error: --device {args.device!r} is not a device: use auto, cpu, cuda or cuda:N", file=sys.stderr)
         return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {args.device!r}: this torch has no usable CUDA device; use --device cpu (or auto)",
+              file=sys.stderr)
+        return 2
     try:
         for path, what in ((args.policy, "--policy"), (args.reference, "--reference"), (args.reward, "--reward")):
             if path is not None:  # a mistyped path fails here, before the embedded models are built

@@ -1,11 +1,13 @@
 """Export a training checkpoint as Hugging Face model directories (safetensors + tokenizer).
 
-    python launch/export.py CHECKPOINT OUT [--critic CRITIC_OUT]
+    python launch/export.py CHECKPOINT OUT [--critic CRITIC_OUT] [--overwrite]
 
 CHECKPOINT is a checkpoint directory (OUTPUT_DIR/checkpoints/iter_N) or a run directory (its latest
 checkpoint). OUT loads with ``AutoModelForCausalLM.from_pretrained`` and ``pipeline("text-generation")``;
 CRITIC_OUT holds the critic backbone plus ``value_head.safetensors`` (``rlhf_ds.models.load_critic``). Runs in one
-process without DeepSpeed engines, whatever ZeRO stage trained the checkpoint.
+process without DeepSpeed engines, whatever ZeRO stage trained the checkpoint. The checkpoint is verified
+(every file's size and sha256) first; OUT must not be the checkpoint, its run directory or inside them, and a
+non-empty OUT that is not an earlier export is refused unless --overwrite is given.
 """
 from __future__ import annotations
 
@@ -23,10 +25,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("checkpoint", help="OUTPUT_DIR/checkpoints/iter_N, or a run directory")
     parser.add_argument("out", help="directory for the policy (Hugging Face format)")
     parser.add_argument("--critic", help="also export the critic (backbone + value head) here")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty OUT (or CRITIC_OUT) that is not an earlier export")
     args = parser.parse_args(argv)
     try:
         path = find_checkpoint(args.checkpoint, args.checkpoint)
-        export_checkpoint(path, args.out, critic_out=args.critic)
+        export_checkpoint(path, args.out, critic_out=args.critic, overwrite=args.overwrite)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

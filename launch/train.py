@@ -15,72 +15,99 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rlhf_ds.config import ConfigError, PPOConfig  # noqa: E402
+from rlhf_ds.config import ConfigError, ConfigHelp, PPOConfig  # noqa: E402
 from rlhf_ds.data import DataError  # noqa: E402
 
 
-def main(argv: list[str]) -> int:
-    try:
-        config = PPOConfig.from_args(argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    from rlhf_ds.checkpoint import CheckpointError, check_resume_config, find_checkpoint, verify_checkpoint
-    from rlhf_ds.data import load_prompts
-    from rlhf_ds.distributed import get_world_size, init_distributed, is_main_process
+def prepare(config: PPOConfig):
+    """Everything before the first iteration, cheapest checks first: the output directory, trackers, prompts,
+    model paths and kinds, the DeepSpeed configs and the checkpoint to resume are checked before any model loads;
+    then the engines and the trainer. Returns the trainer. Every known failure is an exception whose message is
+    one line (``main`` prints it); all ranks meet the same failure at the same point."""
+    from rlhf_ds.checkpoint import check_resume_config, find_checkpoint, verify_checkpoint
+    from rlhf_ds.data import PromptLoader, load_prompts
+    from rlhf_ds.distributed import barrier, get_rank, get_world_size, init_distributed, is_main_process
     from rlhf_ds.embedded import resolve_model_paths
-    from rlhf_ds.engines import build_engines, describe_placement
-    from rlhf_ds.tracking import check_trackers, write_run_info
-    from rlhf_ds.trainer import PPOTrainer, TrainingError
+    from rlhf_ds.engines import ROLES, build_ds_config, build_engines, describe_placement
+    from rlhf_ds.models import check_model_source
+    from rlhf_ds.tracking import check_output_dir, check_trackers, clear_previous_run, write_run_info
+    from rlhf_ds.trainer import PPOTrainer
 
-    try:
-        check_trackers(config)
-        policy, critic, reward = resolve_model_paths(config)
-        prompts, stats = load_prompts(config.dataset, config.train_split, config.max_prompts)
-    except (ConfigError, DataError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    check_output_dir(config)
+    check_trackers(config)
+    policy, critic, reward = resolve_model_paths(config)
+    prompts, stats = load_prompts(config.dataset, config.train_split, config.max_prompts)
+    for path, field in ((policy, "policy_model"), (critic, "critic_model"), (reward, "reward_model")):
+        check_model_source(path, field, config.trust_remote_code)
     init_distributed()
-    checkpoint = None
-    try:
-        if config.resume:
-            checkpoint = find_checkpoint(config.resume, config.output_dir)
-        if checkpoint:
-            changes = check_resume_config(verify_checkpoint(checkpoint), config, get_world_size())
-    except (CheckpointError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    world_size = get_world_size()
+    if stats.warning() and is_main_process():
+        print(f"warning: {stats.warning()}", file=sys.stderr, flush=True)
+    for role in ROLES:  # a DeepSpeed JSON that contradicts the config fails here, before any model loads
+        build_ds_config(config, role, world_size)
+    PromptLoader(prompts, config.rollout_batch_size, config.seed, get_rank(), world_size)  # enough prompts?
+    checkpoint = find_checkpoint(config.resume, config.output_dir) if config.resume else None
+    changes = check_resume_config(verify_checkpoint(checkpoint), config, world_size) if checkpoint else []
+    if config.overwrite_output_dir and is_main_process():
+        removed = clear_previous_run(config.output_dir)
+        if removed:
+            print(f"overwrite_output_dir: deleted {', '.join(removed)} of the previous run in {config.output_dir}")
+    barrier()
     engines = build_engines(config, policy, critic, reward)
     if is_main_process():
         os.makedirs(config.output_dir, exist_ok=True)
         config.save(os.path.join(config.output_dir, "config.json"))
-        write_run_info(config, get_world_size())
-        print(f"rlhf-ds: {get_world_size()} rank(s); effective config (saved to {config.output_dir}/config.json):")
+        write_run_info(config, world_size)
+        print(f"rlhf-ds: {world_size} rank(s); effective config (saved to {config.output_dir}/config.json):")
         print(config.describe())
         print(f"models: policy {policy}, critic {critic}, reward {reward}")
         print(f"prompts: {stats.summary()}")
         print("placement (rank 0):\n" + describe_placement(engines), flush=True)
         if config.resume and not checkpoint:
             print(f"--resume {config.resume}: no checkpoint in {config.output_dir} yet, starting from iteration 0")
-        if checkpoint and changes:
+        if changes:
             print(f"warning: forced resume with changes {', '.join(changes)}: not an exact continuation")
     trainer = PPOTrainer(config, engines, prompts)
+    if checkpoint:
+        trainer.resume(checkpoint)
+    return trainer
+
+
+def main(argv: list[str]) -> int:
+    """Exit codes: 0 done (or stopped by a signal with a checkpoint), 2 bad input found before training,
+    1 a failure during training (e.g. a full disk while saving, too many non-finite rollouts)."""
     try:
-        if checkpoint:
-            trainer.resume(checkpoint)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        config = PPOConfig.from_args(argv)
+    except ConfigHelp as help_text:
+        print(help_text)
+        return 0
+    except ConfigError as err:
+        return _fail(err, 2)
+
+    from rlhf_ds.checkpoint import CheckpointError
+    from rlhf_ds.distributed import is_main_process
+    from rlhf_ds.models import ModelError
+    from rlhf_ds.trainer import TrainingError
+
+    try:
+        trainer = prepare(config)
+    except (ConfigError, DataError, ModelError, CheckpointError, OSError) as err:
+        return _fail(err, 2)
     try:
         trainer.train()
-    except (CheckpointError, TrainingError) as err:  # e.g. a full disk while saving, or too many NaN rollouts
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (CheckpointError, TrainingError) as err:
+        return _fail(err, 1)
     if trainer.stopped_by and is_main_process():
         print(f"{trainer.stopped_by} received: stopped after iteration {trainer.iteration} with a checkpoint in "
               f"{config.output_dir}/checkpoints; to continue, run the same command with --resume auto", flush=True)
     return 0
+
+
+def _fail(err: Exception, code: int) -> int:
+    """The one place a known failure becomes ``error: ...`` on stderr (one line) and an exit code."""
+    print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+    return code
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -6,7 +6,7 @@ One checkpoint, ``output_dir/checkpoints/iter_0000020/`` (the number = iteration
     rng/rank_00000.pt             python, numpy, torch (and accelerator) RNG states of each rank
     trainer_state.json            iteration, KL controller, data position, reward moments, skip counters, config
     policy_meta/, critic_meta/    HF configs (+ the policy tokenizer): exporting needs no original model paths
-    manifest.json                 every file above with its size; written last, after all ranks finished
+    manifest.json                 every file above with its size and sha256; written last, after all ranks finished
 
 ``output_dir/checkpoints/latest`` names the newest complete checkpoint. A checkpoint is written under
 ``iter_N.tmp`` and renamed only when every rank has written its part, then ``latest`` is replaced atomically:
@@ -35,6 +35,7 @@ import torch
 
 from rlhf_ds.config import ConfigError, PPOConfig
 from rlhf_ds.distributed import barrier, get_rank, get_world_size, is_main_process
+from rlhf_ds.manifest import describe_files, first_problem
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -46,8 +47,8 @@ _NAME = re.compile(r"^iter_(\d+)$")
 # Fields that may change between a run and its resume without breaking exactness (zero3_generation:
 # gathered and partitioned generation sample the same tokens).
 RESUMABLE_CHANGES = ("iterations", "output_dir", "save_interval", "keep_checkpoints", "resume", "force_resume",
-                     "log_interval", "tensorboard", "wandb", "wandb_project", "max_skipped_batches",
-                     "zero3_generation")
+                     "overwrite_output_dir", "log_interval", "tensorboard", "wandb", "wandb_project",
+                     "max_skipped_batches", "zero3_generation")
 
 
 class CheckpointError(RuntimeError):
@@ -109,16 +110,6 @@ def _write_json(path: str, value: dict) -> None:
     os.replace(tmp, path)
 
 
-def _manifest(path: str) -> dict:
-    """Relative path -> size of every file in the checkpoint."""
-    files = {}
-    for folder, _, names in os.walk(path):
-        for name in names:
-            full = os.path.join(folder, name)
-            files[os.path.relpath(full, path)] = os.path.getsize(full)
-    return files
-
-
 def save_checkpoint(engines, trainer_state: dict, output_dir: str, keep: int) -> str:
     """Write a complete checkpoint of ``trainer_state["iteration"]`` and point ``latest`` at it. All ranks call it.
 
@@ -130,8 +121,10 @@ def save_checkpoint(engines, trainer_state: dict, output_dir: str, keep: int) ->
     final = os.path.join(root, checkpoint_name(trainer_state["iteration"]))
     try:
         return _save(engines, trainer_state, root, final, keep)
-    except OSError as err:  # e.g. ENOSPC: the .tmp directory is never renamed, latest is untouched
-        raise CheckpointError(f"saving checkpoint {final} failed: {err}; {os.path.join(root, LATEST)} still names "
+    except (OSError, RuntimeError) as err:  # e.g. ENOSPC (torch.save reports it as a RuntimeError): the .tmp
+        # directory is never renamed, latest is untouched
+        raise CheckpointError(f"saving checkpoint {final} failed: {' '.join(str(err).split())}; "
+                              f"{os.path.join(root, LATEST)} still names "
                               "the last complete checkpoint: free space and resume with --resume auto") from err
 
 
@@ -152,27 +145,37 @@ def _save(engines, trainer_state: dict, root: str, final: str, keep: int) -> str
         engines.policy_tokenizer.save_pretrained(os.path.join(tmp, "policy_meta"))
         engines.critic.module.backbone.config.save_pretrained(os.path.join(tmp, "critic_meta"))
         _write_json(os.path.join(tmp, STATE_FILE), {**trainer_state, "world_size": get_world_size()})
-        _write_json(os.path.join(tmp, MANIFEST_FILE), _manifest(tmp))
+        _write_json(os.path.join(tmp, MANIFEST_FILE), describe_files(tmp))
         if os.path.exists(final):  # the same iteration saved again (e.g. a signal right after a save)
             shutil.rmtree(final)
         os.rename(tmp, final)
         with open(os.path.join(root, LATEST + ".tmp"), "w") as fh:
             fh.write(os.path.basename(final))
         os.replace(os.path.join(root, LATEST + ".tmp"), os.path.join(root, LATEST))
-        for old in complete_checkpoints(os.path.dirname(root))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune(root, keep, final)
     barrier()
     return final
 
 
+def _prune(root: str, keep: int, just_saved: str) -> None:
+    """Keep ``keep`` complete checkpoints: the one just saved and the newest others. The one just saved is never
+    deleted, also when newer-numbered ones exist (a run resumed from an older checkpoint)."""
+    others = [path for path in complete_checkpoints(os.path.dirname(root)) if path != just_saved]
+    for old in others[:max(len(others) - (keep - 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 # --- finding and checking ----------------------------------------------------------------------------------
 def verify_checkpoint(path: str) -> dict:
-    """Check that every file the manifest lists is present with its size; return the trainer state.
+    """Check every file the manifest lists (present, its size, its sha256) and that the trainer state belongs
+    to this directory; return the trainer state.
 
-    Raises CheckpointError naming the first missing or truncated file (e.g. a lost rank shard).
+    Raises CheckpointError naming the first missing, truncated, corrupted or edited file (e.g. a lost rank shard,
+    one flipped byte in a weight shard, a hand-edited trainer_state.json).
     """
     if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} does not exist: pass a directory like "
+        kind = "is a file, not a checkpoint directory" if os.path.isfile(path) else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {kind}: pass a directory like "
                               f"OUTPUT_DIR/{CHECKPOINTS}/iter_0000020, or --resume auto")
     manifest_file = os.path.join(path, MANIFEST_FILE)
     if not os.path.isfile(manifest_file):
@@ -181,18 +184,21 @@ def verify_checkpoint(path: str) -> dict:
     try:
         with open(manifest_file) as fh:
             manifest = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({err}); resume from an older one") from err
+    problem = first_problem(path, manifest)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint file {problem}: checkpoint {path} cannot be trusted; restore the file "
+                              "or resume from an older checkpoint")
+    try:
         with open(os.path.join(path, STATE_FILE)) as fh:
             state = json.load(fh)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is unreadable ({err}); resume from an older one") from err
-    for rel, size in manifest.items():
-        full = os.path.join(path, rel)
-        if not os.path.isfile(full):
-            raise CheckpointError(f"checkpoint file {full} is missing (checkpoint {path} is incomplete); "
-                                  "restore it or resume from an older checkpoint")
-        if os.path.getsize(full) != size:
-            raise CheckpointError(f"checkpoint file {full} has {os.path.getsize(full)} bytes, expected {size} "
-                                  "(truncated or corrupt); restore it or resume from an older checkpoint")
+    match = _NAME.match(os.path.basename(os.path.normpath(path)))
+    if match and int(match.group(1)) != state.get("iteration"):
+        raise CheckpointError(f"{os.path.join(path, STATE_FILE)} says iteration {state.get('iteration')} but the "
+                              f"directory is {os.path.basename(os.path.normpath(path))}: it does not belong here")
     return state
 
 
@@ -261,6 +267,38 @@ def load_checkpoint(engines, path: str) -> dict:
 
 
 # --- Hugging Face exports ----------------------------------------------------------------------------------
+EXPORT_MARKER = "rlhf_ds_export.json"  # written into every export: an earlier export may be replaced
+
+
+def _contains(outer: str, inner: str) -> bool:
+    """True when real path ``inner`` is ``outer`` or lies inside it."""
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def check_export_target(out_dir: str, checkpoint: str, overwrite: bool = False) -> None:
+    """Refuse an export target that would destroy something, before anything is written: the checkpoint being
+    read, its run directory (OUTPUT_DIR of OUTPUT_DIR/checkpoints/iter_N) or a directory holding either; a file;
+    a non-empty directory that is not an earlier export (its files would be deleted), unless ``overwrite``."""
+    out, source = os.path.realpath(out_dir), os.path.realpath(checkpoint)
+    protected = [(source, "the checkpoint being exported")]
+    if os.path.basename(os.path.dirname(source)) == CHECKPOINTS:
+        protected.append((os.path.dirname(os.path.dirname(source)), "the run directory of the checkpoint"))
+    for path, what in protected:
+        if _contains(path, out) or _contains(out, path):
+            raise CheckpointError(f"export target {out_dir} would overwrite {what} ({path}): choose a directory "
+                                  "outside it")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CheckpointError(f"export target {out_dir} is a file: choose a directory")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, EXPORT_MARKER)) \
+            and not overwrite:
+        raise CheckpointError(f"export target {out_dir} is not empty and is not an earlier rlhf-ds export: its "
+                              "files would be deleted; choose a new directory or pass --overwrite")
+
+
+def _mark_export(directory: str, source: str) -> None:
+    with open(os.path.join(directory, EXPORT_MARKER), "w") as fh:
+        json.dump({"exported_from": source}, fh)
+        fh.write("\n")
 def _replace_dir(tmp: str, final: str) -> None:
     """Move ``tmp`` to ``final``, keeping the old ``final`` until the new one is in place."""
     old = final + ".old"
@@ -271,8 +309,9 @@ def _replace_dir(tmp: str, final: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_causal_lm(model, state: dict, tokenizer, out_dir: str) -> None:
-    """``save_pretrained`` (safetensors) + tokenizer into ``out_dir`` atomically, with the KV cache turned on."""
+def _save_causal_lm(model, state: dict, tokenizer, out_dir: str, source: str) -> None:
+    """``save_pretrained`` (safetensors) + tokenizer into ``out_dir`` atomically, with the KV cache turned on,
+    marked as an export of ``source``."""
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     training_cache, model.config.use_cache = model.config.use_cache, True  # off only for training forwards
@@ -281,6 +320,7 @@ def _save_causal_lm(model, state: dict, tokenizer, out_dir: str) -> None:
     finally:
         model.config.use_cache = training_cache
     tokenizer.save_pretrained(tmp)
+    _mark_export(tmp, source)
     _replace_dir(tmp, out_dir)
 
 
@@ -292,7 +332,7 @@ def export_model(engine, tokenizer, out_dir: str) -> None:
     with gathered:  # every rank takes part: under ZeRO-3 reading the full weights is a collective
         state = {name: tensor.detach().cpu().clone() for name, tensor in engine.module.state_dict().items()}
     if is_main_process():
-        _save_causal_lm(engine.module, state, tokenizer, out_dir)
+        _save_causal_lm(engine.module, state, tokenizer, out_dir, source="the training run")
     barrier()
 
 
@@ -309,20 +349,23 @@ def consolidated_state_dict(path: str, role: str) -> dict:
     return {name: tensor.float() for name, tensor in states["module"].items()}
 
 
-def export_checkpoint(path: str, out_dir: str, critic_out: Optional[str] = None) -> str:
+def export_checkpoint(path: str, out_dir: str, critic_out: Optional[str] = None, overwrite: bool = False) -> str:
     """Write checkpoint ``path``'s actor (fp32 master weights) as an HF directory at ``out_dir`` and, when
     ``critic_out`` is given, the critic (backbone + ``value_head.safetensors``) there. Single process, no
-    DeepSpeed engines; returns ``out_dir``."""
+    DeepSpeed engines; returns ``out_dir``. The checkpoint is verified (sizes and sha256) and the targets
+    checked (``check_export_target``) before anything is written."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from rlhf_ds.models import CriticModel, load_saved_tokenizer, save_critic
 
     verify_checkpoint(path)
+    for target in filter(None, (out_dir, critic_out)):
+        check_export_target(target, path, overwrite)
     meta = os.path.join(path, "policy_meta")
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(meta), dtype=torch.float32)
     state = consolidated_state_dict(path, "actor")
     _load_full_state(model, state, path)
-    _save_causal_lm(model, state, load_saved_tokenizer(meta, trust_remote_code=False), out_dir)
+    _save_causal_lm(model, state, load_saved_tokenizer(meta, trust_remote_code=False), out_dir, source=path)
     if critic_out is not None:
         backbone = AutoModel.from_config(AutoConfig.from_pretrained(os.path.join(path, "critic_meta")),
                                          dtype=torch.float32)
@@ -332,6 +375,7 @@ def export_checkpoint(path: str, out_dir: str, critic_out: Optional[str] = None)
         tmp = critic_out + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_critic(critic, tmp, critic_state)
+        _mark_export(tmp, path)
         _replace_dir(tmp, critic_out)
     return out_dir
 

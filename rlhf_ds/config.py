@@ -2,13 +2,16 @@
 
 One config path: ``PPOConfig.from_args(argv)`` reads ``--config FILE`` (YAML or JSON), applies the
 ``--field value`` overrides on top, and validates. ``validate()`` raises ``ConfigError`` with one line that
-names the field, the bad value and the fix, so a typo never becomes a silently ignored knob.
+names the field, the bad value and the fix, so a typo never becomes a silently ignored knob. ``--help`` (or
+``-h``) raises ``ConfigHelp`` instead, whose text lists every field with its default and meaning.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field, fields
@@ -26,6 +29,13 @@ REAL_DATASET = "Anthropic/hh-rlhf"
 
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the field and the fix."""
+
+
+class ConfigHelp(Exception):
+    """``--help``/``-h`` was asked for: ``str()`` is the help text, which a launcher prints to stdout, exiting 0.
+
+    Not a ConfigError, so that a launcher's error path (stderr, exit 2) cannot swallow a request for help.
+    """
 
 
 def _doc(default: Any, help: str) -> Any:
@@ -100,6 +110,8 @@ class PPOConfig:
     keep_checkpoints: int = _doc(2, "complete checkpoints kept in output_dir/checkpoints (older ones deleted)")
     resume: Optional[str] = _doc(None, "'auto' (newest complete checkpoint in output_dir) or a checkpoint path")
     force_resume: bool = _doc(False, "resume although the config changed something that breaks exactness")
+    overwrite_output_dir: bool = _doc(False, "start afresh in an output_dir that holds another run, deleting its "
+                                      "checkpoints and metrics (without it that is an error)")
     log_interval: int = _doc(1, "print metrics every N iterations (when stdout is not a terminal)")
     tensorboard: bool = _doc(True, "write TensorBoard logs to output_dir/tensorboard")
     wandb: bool = _doc(False, "also log to Weights & Biases (needs `pip install wandb`)")
@@ -108,13 +120,18 @@ class PPOConfig:
     # ---------------------------------------------------------------------------------------------------
     def validate(self) -> "PPOConfig":
         """Check types and ranges; raise ConfigError naming the first bad field and how to fix it."""
-        types = _field_types()
-        for f in fields(self):
-            setattr(self, f.name, _checked(f.name, getattr(self, f.name), types[f.name]))
 
         def need(ok: bool, name: str, rule: str) -> None:
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: {rule}")
+
+        types = _field_types()
+        for f in fields(self):
+            value = _checked(f.name, getattr(self, f.name), types[f.name])
+            setattr(self, f.name, value)
+            # inf and nan pass most range checks (inf > 0) and would only surface as a diverged run
+            need(not isinstance(value, float) or math.isfinite(value), f.name,
+                 f"use a finite number, e.g. {f.default!r}")
 
         need(0 < self.clip_range < 1, "clip_range", "use a value in (0, 1), e.g. 0.2")
         need(self.clip_range_value is None or self.clip_range_value > 0, "clip_range_value", "use > 0 or null")
@@ -163,6 +180,9 @@ class PPOConfig:
         need(self.save_interval >= 0, "save_interval", "use >= 0 (0 = only at the end)")
         need(self.log_interval >= 1, "log_interval", "use >= 1")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "keep at least 1 checkpoint")
+        need(self.output_dir.strip() != "", "output_dir", "name a directory, e.g. runs/ppo")
+        need(not (self.overwrite_output_dir and self.resume), "overwrite_output_dir",
+             f"it deletes the run that resume={self.resume!r} would continue: pass only one of them")
         need(not self.wandb_project.strip() == "", "wandb_project", "name a Weights & Biases project")
         need(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "use a positive count or null")
         need(self.ds_config is None or os.path.isfile(self.ds_config), "ds_config",
@@ -188,8 +208,15 @@ class PPOConfig:
 
     @classmethod
     def from_args(cls, argv: Sequence[str]) -> "PPOConfig":
-        """``[--config FILE] [--field value ...]``; ``--local_rank N`` from the deepspeed launcher is accepted."""
+        """``[--config FILE] [--field value ...]``; ``--local_rank N`` from the deepspeed launcher is accepted.
+
+        ``--help`` or ``-h`` anywhere raises ConfigHelp before anything else is read, so a typo or a missing file
+        elsewhere on the line cannot hide the help.
+        """
+        if "--help" in argv or "-h" in argv:
+            raise ConfigHelp(help_text())
         values: dict = {}
+        source = "command line"
         overrides: dict = {}
         args = list(argv)
         i = 0
@@ -209,14 +236,15 @@ class PPOConfig:
             if key == "local_rank":
                 continue
             if key == "config":
-                values = read_config_file(inline)
+                values, source = read_config_file(inline), inline
                 continue
             if key not in types:
                 close = difflib.get_close_matches(key, types, n=1)
                 hint = f"did you mean '--{close[0]}'?" if close else "see README for the list of fields"
                 raise ConfigError(f"unknown option '--{key}': {hint}")
             overrides[key] = parse_value(key, inline, types[key])
-        return cls.from_dict({**values, **overrides}, source="command line")
+        # every override is a known field by now, so an unknown key can only be the file's: name the file
+        return cls.from_dict({**values, **overrides}, source=source)
 
     def sampling(self) -> "Sampling":
         """The one value generation, the log-prob computations and evaluation all sample and score with."""
@@ -242,7 +270,12 @@ class PPOConfig:
 
 
 def read_config_file(path: str) -> dict:
-    """Read a YAML or JSON mapping; a missing or unparsable file is a one-line ConfigError."""
+    """Read a YAML or JSON mapping; a missing or unparsable file is a one-line ConfigError.
+
+    YAML 1.1 reads ``1e-6`` (no dot) as a string: a string that parses as a number, in a float or int field, is
+    taken as the number meant (``'4'`` for an int, not ``'4.5'``); any other string is left for validate()'s
+    type error.
+    """
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' not found: check the --config path")
     with open(path) as fh:
@@ -261,6 +294,12 @@ def read_config_file(path: str) -> dict:
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of field: value, not {type(values).__name__}")
+    types = _field_types()
+    for key, value in values.items():
+        kind = _base_type(types[key])[0] if key in types else None
+        if kind in (int, float) and isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                values[key] = kind(value)
     return values
 
 
@@ -314,20 +353,38 @@ def _checked(name: str, value: Any, annotation: Any) -> Any:
     if value is None and optional:
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # e.g. 10**400 in a JSON file: beyond float range, so refused as non-finite
+            return math.inf if value > 0 else -math.inf
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{name}={value!r} has type {type(value).__name__}: expected {kind.__name__}"
                           f"{' or null' if optional else ''} (e.g. {name}: {_example(kind)})")
     return value
 
 
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
 def markdown_table() -> str:
     """The README's table of fields: name, default, one-line help (``python -m rlhf_ds.config``)."""
     rows = ["| field | default | meaning |", "| --- | --- | --- |"]
     for f in fields(PPOConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append(f"| `{f.name}` | `{default!r}` | {f.metadata['help']} |")
+        rows.append(f"| `{f.name}` | `{_default(f)!r}` | {f.metadata['help']} |")
     return "\n".join(rows)
+
+
+def help_text() -> str:
+    """The text of ConfigHelp: usage, then one ``--field  default  meaning`` line per field."""
+    rows = [(f"--{f.name}", repr(_default(f)), f.metadata["help"]) for f in fields(PPOConfig)]
+    name_width = max(len(name) for name, _, _ in rows)
+    default_width = max(len(default) for _, default, _ in rows)
+    lines = ["usage: [--config FILE] [--field value ...]", "",
+             "--config FILE reads a YAML or JSON file of field: value; --field value overrides it.",
+             "Fields (--field  default  meaning; null/none for None, true/false for booleans):"]
+    lines += [f"  {name:<{name_width}}  {default:<{default_width}}  {meaning}" for name, default, meaning in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

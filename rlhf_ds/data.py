@@ -15,7 +15,7 @@ import json
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -100,6 +100,14 @@ class LoadStats:
         self.skipped_malformed += 1
         self.skip_reasons[reason] = self.skip_reasons.get(reason, 0) + 1
 
+    def warning(self, threshold: float = 0.05) -> Optional[str]:
+        """A line for the user when more than ``threshold`` of the records were malformed (a wrong file or
+        format, rather than a few bad lines), else None."""
+        if self.total and self.skipped_malformed > threshold * self.total:
+            return (f"{self.skipped_malformed} of {self.total} records of {self.source} are malformed and were "
+                    f"skipped ({self.skipped_malformed / self.total:.0%}): check the file's format")
+        return None
+
     def summary(self) -> str:
         """One line for logs."""
         line = (
@@ -172,7 +180,7 @@ def records_to_prompts(records: Iterable[dict], source_name: str) -> tuple[list[
 # --------------------------------------------------------------------------- #
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     """Tell a mistyped local path from a Hub name ("name" or "org/name").
 
     Hub names contain at most one "/", so a bare os.sep is not enough here.
@@ -277,7 +285,7 @@ def load_records(source: str, split: str = "train") -> list[dict]:
             )
     elif os.path.isdir(path):
         records = _load_with_datasets(path, split, "from local directory")
-    elif _looks_like_path(source):
+    elif looks_like_path(source):
         raise DataError(
             f"{path}: no such file or directory; fix the path (Hub names look like 'org/name')"
         )

@@ -33,6 +33,7 @@ import torch
 
 from rlhf_ds import corpus
 from rlhf_ds.data import PromptCollator, extract_prompt, question_from_prompt
+from rlhf_ds.manifest import file_digests, first_problem
 from rlhf_ds.supervised import (Schedule, evaluate_reward_model, preference_pairs, train_reward_model, train_sft)
 
 EOS = "<|endoftext|>"  # Qwen2's end-of-text token, also its padding token
@@ -244,11 +245,6 @@ def cache_dir(recipe: Recipe = Recipe()) -> Path:
     return cache_root() / "embedded" / recipe.digest()
 
 
-def _file_hashes(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "manifest.json"}
-
-
 def verify(root: Path) -> str | None:
     """None when ``root`` is a complete build, else one line saying what is wrong with it."""
     manifest = root / "manifest.json"
@@ -258,13 +254,7 @@ def verify(root: Path) -> str | None:
         expected = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError):
         return f"{manifest} is unreadable"
-    actual = _file_hashes(root)
-    for name, digest in expected.items():
-        if name not in actual:
-            return f"{root / name} is missing"
-        if actual[name] != digest:
-            return f"{root / name} does not match its hash"
-    return None
+    return first_problem(str(root), expected)
 
 
 @dataclass
@@ -356,7 +346,7 @@ def build(recipe: Recipe = Recipe(), force: bool = False) -> EmbeddedModels:
             models = train_models(recipe)
             models.save(tmp)
             report = models.report
-            manifest = {"recipe": dataclasses.asdict(recipe), "quality": report, "files": _file_hashes(tmp),
+            manifest = {"recipe": dataclasses.asdict(recipe), "quality": report, "files": file_digests(str(tmp)),
                         "torch": torch.__version__}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
             os.rename(tmp, final)

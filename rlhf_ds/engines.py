@@ -2,8 +2,9 @@
 
 Config rule: the JSON (``ds_configs/zero{stage}.json``, ``zero3_offload.json`` when stage 3 offloads, or
 the user's ``--ds_config``) owns every DeepSpeed tuning value; PPOConfig owns what the trainer depends on
-and always overrides the JSON: ZeRO stage, batch sizes, gradient clipping, learning rate, weight decay,
-precision and the offload devices. ``"auto"`` marks a value filled here; one left unfilled is an error.
+and fills it in: ZeRO stage, batch sizes, gradient clipping, learning rate, weight decay, precision and the
+offload devices. The JSON leaves those out or says ``"auto"``; a value that disagrees with the config is a
+one-line ConfigError naming the file, never silently overridden. Another ``"auto"`` is an error too.
 A user JSON without an optimizer gets the shipped AdamW settings; a "scheduler" section is an error (the
 schedule is a linear warmup over ``warmup_steps``).
 
@@ -26,13 +27,14 @@ from deepspeed.accelerator import get_accelerator
 from transformers import PreTrainedTokenizerBase
 from transformers.integrations import HfDeepSpeedConfig
 
-from rlhf_ds.config import PPOConfig
+from rlhf_ds.config import ConfigError, PPOConfig
 from rlhf_ds.distributed import get_world_size, init_distributed
 from rlhf_ds.models import load_critic, load_policy, load_reward_model, load_tokenizer
 
 DS_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
 TRAIN_ROLES = ("actor", "critic")
 INFERENCE_ROLES = ("reference", "reward")
+ROLES = TRAIN_ROLES + INFERENCE_ROLES
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Keys an inference engine shares with the actor's config; the optimizer side (optimizer, clipping,
 # optimizer offload) is dropped.
@@ -59,8 +61,23 @@ def _base_config_path(config: PPOConfig) -> str:
     return os.path.join(DS_CONFIG_DIR, f"{name}.json")
 
 
-def _set_offload(zero: dict, section: str, enabled: bool) -> None:
-    """Offload to CPU when enabled (keeping the JSON's other settings, e.g. pin_memory), else remove it."""
+def _own(node: dict, key: str, value: Any, path: str, source: str, field: str) -> None:
+    """Set ``node[key]``, a value PPOConfig's ``field`` owns. The JSON may leave it out or say "auto"; any other
+    value that differs is a ConfigError naming the file and the key, never silently replaced."""
+    current = node.get(key, "auto")
+    if current != "auto" and current != value:
+        raise ConfigError(f"{source} sets {path}={current!r} but this run needs {value!r} (from {field}): set it "
+                          f"to \"auto\" in the file (rlhf-ds fills it in) or change --{field}")
+    node[key] = value
+
+
+def _set_offload(zero: dict, section: str, enabled: bool, source: str, field: str) -> None:
+    """Offload to CPU when enabled (keeping the JSON's other settings, e.g. pin_memory), else remove it; a device
+    the JSON names explicitly must agree with ``field``."""
+    device = zero.get(section, {}).get("device", "auto")
+    if device != "auto" and not (device in ("cpu", "none") and (device == "cpu") == enabled):
+        raise ConfigError(f"{source} sets zero_optimization.{section}.device={device!r} but {field} is "
+                          f"{str(enabled).lower()}: set the device to \"auto\" in the file or change --{field}")
     if enabled:
         zero[section] = {**zero.get(section, {}), "device": "cpu"}
     else:
@@ -69,38 +86,51 @@ def _set_offload(zero: dict, section: str, enabled: bool) -> None:
 
 def _check_no_auto(node: Any, path: str = "") -> None:
     if node == "auto":
-        raise ValueError(f"DeepSpeed config value '{path}' is 'auto' and rlhf-ds does not fill it: set a value")
+        raise ConfigError(f"DeepSpeed config value '{path}' is 'auto' and rlhf-ds does not fill it: set a value")
     if isinstance(node, dict):
         for key, value in node.items():
             _check_no_auto(value, f"{path}.{key}" if path else key)
 
 
 def _read_json(path: str) -> dict:
-    with open(path) as fh:
-        return json.load(fh)
+    """A DeepSpeed JSON as a dict; unreadable, malformed or not an object is a one-line ConfigError naming it."""
+    try:
+        with open(path) as fh:
+            value = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"ds_config {path} cannot be read as JSON ({' '.join(str(err).split())}): fix the file "
+                          "or leave ds_config unset") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"ds_config {path} must hold a JSON object of DeepSpeed settings, not "
+                          f"{type(value).__name__}")
+    return value
 
 
 def _training_config(config: PPOConfig, role: str, world_size: int) -> dict:
-    ds = _read_json(_base_config_path(config))
+    source = _base_config_path(config)
+    ds = _read_json(source)
     if "scheduler" in ds:
-        raise ValueError(f"{_base_config_path(config)} has a 'scheduler' section: remove it, rlhf-ds applies a "
-                         "linear warmup over warmup_steps")
+        raise ConfigError(f"{source} has a 'scheduler' section: remove it, rlhf-ds applies a linear warmup over "
+                          "warmup_steps")
     if "optimizer" not in ds:  # a user JSON without one gets the shipped optimizer settings
         ds["optimizer"] = _read_json(os.path.join(DS_CONFIG_DIR, f"zero{config.zero_stage}.json"))["optimizer"]
-    ds["train_micro_batch_size_per_gpu"] = config.mini_batch_size
-    ds["gradient_accumulation_steps"] = 1
-    ds["train_batch_size"] = config.mini_batch_size * world_size
-    ds["gradient_clipping"] = config.max_grad_norm
+    mini = config.mini_batch_size
+    _own(ds, "train_micro_batch_size_per_gpu", mini, "train_micro_batch_size_per_gpu", source, "mini_batch_size")
+    _own(ds, "gradient_accumulation_steps", 1, "gradient_accumulation_steps", source, "mini_batch_size")
+    _own(ds, "train_batch_size", mini * world_size, "train_batch_size", source, "mini_batch_size")
+    _own(ds, "gradient_clipping", config.max_grad_norm, "gradient_clipping", source, "max_grad_norm")
     dtype = resolve_precision(config)
-    ds.setdefault("bf16", {})["enabled"] = dtype == torch.bfloat16
-    ds.setdefault("fp16", {})["enabled"] = dtype == torch.float16
+    for section, section_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        _own(ds.setdefault(section, {}), "enabled", dtype == section_dtype, f"{section}.enabled", source,
+             "precision")
     zero = ds.setdefault("zero_optimization", {})
-    zero["stage"] = config.zero_stage
-    _set_offload(zero, "offload_optimizer", config.offload_optimizer)
-    _set_offload(zero, "offload_param", config.offload_params)
+    _own(zero, "stage", config.zero_stage, "zero_optimization.stage", source, "zero_stage")
+    _set_offload(zero, "offload_optimizer", config.offload_optimizer, source, "offload_optimizer")
+    _set_offload(zero, "offload_param", config.offload_params, source, "offload_params")
     params = ds["optimizer"].setdefault("params", {})
-    params["lr"] = config.actor_lr if role == "actor" else config.critic_lr
-    params["weight_decay"] = config.weight_decay
+    lr_field = "actor_lr" if role == "actor" else "critic_lr"
+    _own(params, "lr", getattr(config, lr_field), "optimizer.params.lr", source, lr_field)
+    _own(params, "weight_decay", config.weight_decay, "optimizer.params.weight_decay", source, "weight_decay")
     adam = ds["optimizer"].get("type", "").lower() in ("adam", "adamw")
     if get_accelerator().device_name() == "cpu" and not config.offload_optimizer and adam:
         # On a GPU DeepSpeed's own FusedAdam runs (its default). On the CPU accelerator that FusedAdam is
@@ -120,8 +150,8 @@ def build_ds_config(config: PPOConfig, role: str, world_size: int) -> dict:
     Batch: train_micro_batch_size_per_gpu = mini_batch_size, no gradient accumulation (the trainer steps
     once per minibatch), train_batch_size = mini_batch_size * world_size.
     """
-    if role not in TRAIN_ROLES + INFERENCE_ROLES:
-        raise ValueError(f"unknown role '{role}': choose one of {', '.join(TRAIN_ROLES + INFERENCE_ROLES)}")
+    if role not in ROLES:
+        raise ValueError(f"unknown role '{role}': choose one of {', '.join(ROLES)}")
     ds = _training_config(config, "actor" if role in INFERENCE_ROLES else role, world_size)
     if role in INFERENCE_ROLES:
         inference = {key: ds[key] for key in _INFERENCE_KEYS if key in ds}
@@ -173,7 +203,7 @@ def build_engines(config: PPOConfig, policy_path: str, critic_path: str, reward_
     world_size = get_world_size()
     dtype = resolve_precision(config)
     trust = config.trust_remote_code
-    ds_configs = {role: build_ds_config(config, role, world_size) for role in TRAIN_ROLES + INFERENCE_ROLES}
+    ds_configs = {role: build_ds_config(config, role, world_size) for role in ROLES}
     hf_ds_configs: list[HfDeepSpeedConfig] = []
 
     def zero3_loading(role: str) -> None:
@@ -219,7 +249,7 @@ def _inference_engine(model: torch.nn.Module, ds_config: dict) -> deepspeed.Deep
 def describe_placement(engines: Engines) -> str:
     """Where each engine lives on this rank: ZeRO stage, device, dtype, parameters, trained or frozen."""
     lines = []
-    for role in TRAIN_ROLES + INFERENCE_ROLES:
+    for role in ROLES:
         engine = getattr(engines, role)
         params = list(engine.module.parameters())
         count = sum(getattr(p, "ds_numel", p.numel()) for p in params)

@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_ds.data import PromptCollator, _looks_like_path, load_prompts
+from rlhf_ds.data import PromptCollator, looks_like_path, load_prompts
 from rlhf_ds.experience import response_logits
 from rlhf_ds.models import load_policy, load_reward_model, load_tokenizer
 from rlhf_ds.ppo import kl_penalty, logprobs_from_logits
@@ -59,7 +59,7 @@ def check_model_path(path: str, what: str) -> None:
                                   f"training checkpoint (no {CHECKPOINT_MARKER}); point it at e.g. runs/ppo/policy")
     elif os.path.exists(local):
         raise EvaluationError(f"{what} {path}: is a file; point it at a model directory such as runs/ppo/policy")
-    elif _looks_like_path(path) or not path.strip():
+    elif looks_like_path(path) or not path.strip():
         raise EvaluationError(f"{what} {path!r}: no such directory; fix the path (hub names look like 'org/name')")
 
 

@@ -18,6 +18,8 @@ from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceC
                           DebertaV2Config, PreTrainedModel, PreTrainedTokenizerBase, Qwen2Config, TokenizersBackend)
 from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
+from rlhf_ds.data import looks_like_path
+
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 # Qwen/Qwen2-0.5B config.json: the policy architecture. The tiny config keeps everything but the sizes.
@@ -49,6 +51,58 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.masked_fill(attention_mask == 0, 0)
+
+
+class ModelError(ValueError):
+    """A model path that cannot serve its role (missing, not a model, the wrong kind of head); one line."""
+
+
+# The head each role needs, by the suffix of the architecture names transformers writes into config.json.
+_ROLE_HEADS = {"policy_model": ("ForCausalLM", "LMHeadModel"), "critic_model": None,
+               "reward_model": ("ForSequenceClassification",)}
+
+
+def check_model_source(path: str, field: str, trust_remote_code: bool = False):
+    """Before any weights load: ``path`` (a local directory or a hub name) holds a model that can serve as
+    ``field`` ("policy_model", "critic_model" or "reward_model"); returns its config.
+
+    A local path must be a directory with config.json. The policy must be a causal LM; the reward model a
+    sequence classifier with one label (a causal LM there would get a randomly initialised head and train PPO
+    against noise, with only a warning from transformers). Any failure is a ModelError naming the field.
+    """
+    from transformers import AutoConfig
+
+    local = os.path.expanduser(path)
+    is_local = os.path.exists(local) or looks_like_path(path)
+    if is_local:
+        if not os.path.isdir(local):
+            raise ModelError(f"{field}={path!r} does not exist: give a Hugging Face model directory or a hub name")
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            raise ModelError(f"{field}={path!r} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(local if is_local else path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelError(f"{field}={path!r} cannot be loaded ({first}): download it and give its directory") \
+            from None
+    heads = _ROLE_HEADS[field]
+    architectures = getattr(config, "architectures", None) or []
+    if heads and architectures and not any(a.endswith(heads) for a in architectures):
+        raise ModelError(f"{field}={path!r} is a {', '.join(architectures)}, not a model with a "
+                         f"{' or '.join(heads)} head: check the path")
+    if field == "reward_model" and getattr(config, "num_labels", 1) != 1:
+        raise ModelError(f"reward_model={path!r} has num_labels={config.num_labels}: a reward model gives one score "
+                         "(num_labels=1)")
+    return config
+
+
+def _refuse_missing_weights(model, info: dict, path: str, field: str) -> None:
+    """A model whose checkpoint lacked some of its weights got them randomly initialised: refuse it."""
+    missing = list(info.get("missing_keys", []))
+    if missing:
+        raise ModelError(f"{field}={path!r} has no trained weights for {', '.join(sorted(missing)[:3])}"
+                         f"{' ...' if len(missing) > 3 else ''} (they would be random): give a model trained "
+                         "for this role")
 
 
 def load_saved_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
@@ -97,8 +151,9 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 def load_policy(path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
     """Actor or reference: a causal LM, dropout off. KV cache off for training forwards (generation turns it
     back on)."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 use_safetensors=True)
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                       use_safetensors=True, output_loading_info=True)
+    _refuse_missing_weights(model, info, path, "policy_model")
     model.config.use_cache = False
     return disable_dropout(model)
 
@@ -129,8 +184,9 @@ class CriticModel(nn.Module):
 def load_critic(path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> CriticModel:
     """Backbone from any checkpoint of the family (a causal LM's extra lm_head is dropped); the value head from
     ``path/value_head.safetensors`` when ``path`` is a critic saved by ``save_critic``, else zeros."""
-    backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                         use_safetensors=True)
+    backbone, info = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                               use_safetensors=True, output_loading_info=True)
+    _refuse_missing_weights(backbone, info, path, "critic_model")
     backbone.config.use_cache = False
     critic = CriticModel(disable_dropout(backbone))
     head_file = os.path.join(path, VALUE_HEAD_FILE)
@@ -162,9 +218,10 @@ def load_reward_model(path: str, dtype: torch.dtype,
                       trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The reward model (sequence classifier with one logit) and ITS tokenizer, padding on the right because
     DeBERTa pools the first token ([CLS]) and left padding would put a pad there."""
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype,
-                                                               trust_remote_code=trust_remote_code,
-                                                               use_safetensors=True)
+    model, info = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype,
+                                                                     trust_remote_code=trust_remote_code,
+                                                                     use_safetensors=True, output_loading_info=True)
+    _refuse_missing_weights(model, info, path, "reward_model")
     tokenizer = load_saved_tokenizer(path, trust_remote_code)
     _ensure_pad_token(tokenizer, path)
     tokenizer.padding_side = "right"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -171,6 +172,61 @@ class RunLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# What a run writes into its output_dir; a fresh run there would truncate, prune or mix with them.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "policy", "config.json", "run_info.json", "wandb_run_id")
+
+
+def _previous_run(output_dir: str) -> list[str]:
+    """The outputs of an earlier run in ``output_dir`` that a fresh run would destroy: any checkpoint, a non-empty
+    metrics.jsonl."""
+    found = []
+    checkpoints = os.path.join(output_dir, "checkpoints")
+    if os.path.isdir(checkpoints) and any(name.startswith("iter_") or name == "latest"
+                                          for name in os.listdir(checkpoints)):
+        found.append("checkpoints/")
+    metrics = os.path.join(output_dir, "metrics.jsonl")
+    if os.path.isfile(metrics) and os.path.getsize(metrics) > 0:
+        found.append("metrics.jsonl")
+    return found
+
+
+def check_output_dir(config: PPOConfig) -> None:
+    """Before anything loads: ``output_dir`` must be a directory this process can write, and must not hold another
+    run unless this run continues it (``resume``) or was told to replace it (``overwrite_output_dir``).
+    Raises ConfigError with one line naming the directory and the fix. Reads only (every rank may call it)."""
+    out = config.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"output_dir={out!r} is a file: choose a directory (e.g. --output_dir runs/ppo)")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):  # the nearest existing ancestor is where the directory would be made
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"output_dir={out!r} cannot be made: {existing} is a file; choose another --output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={out!r} is not writable ({existing} is read-only for this user): choose "
+                          "another --output_dir")
+    previous = _previous_run(out) if os.path.isdir(out) else []
+    if previous and not config.resume and not config.overwrite_output_dir:
+        raise ConfigError(f"output_dir={out!r} already holds a run ({', '.join(previous)}): continue it with "
+                          "--resume auto, replace it with --overwrite_output_dir true, or choose another --output_dir")
+
+
+def clear_previous_run(output_dir: str) -> list[str]:
+    """Delete an earlier run's outputs (``RUN_OUTPUTS``) from ``output_dir`` for ``overwrite_output_dir``; other
+    files are left alone. Returns what was deleted. Call on one rank, before anything of this run is written."""
+    removed = []
+    for name in RUN_OUTPUTS:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def check_trackers(config: PPOConfig) -> None:

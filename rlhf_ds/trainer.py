@@ -98,7 +98,9 @@ class PPOTrainer:
         """One PPO iteration on this rank's ``prompts``; returns the all-reduced metrics."""
         cfg = self.config
         meter = PhaseMeter(self.device)
+        truncated_before = self.collate.num_truncated
         batch = {k: v.to(self.device) for k, v in self.collate(prompts).items()}
+        prompts_truncated = (self.collate.num_truncated - truncated_before) / len(prompts)
         sequences, response_mask = self.generator.generate(batch["input_ids"], batch["attention_mask"],
                                                            generator_seed=self._sample_seed())
         meter.lap("generation")
@@ -124,7 +126,8 @@ class PPOTrainer:
             return self._skip("non-finite loss", meter, skipped_minibatches)
         self.kl_controller.update(kl_divergence, cfg.rollout_batch_size * self.world_size)
         self.consecutive_skips = 0
-        return self._metrics(exp, rewards, kl_divergence, kl_coef, update_metrics, skipped_minibatches, meter)
+        return self._metrics(exp, rewards, kl_divergence, kl_coef, update_metrics, skipped_minibatches,
+                             prompts_truncated, meter)
 
     def update(self, exp: Experience) -> tuple[dict, int]:
         """``ppo_epochs`` passes of shuffled mini-batches through actor and critic, in training mode.
@@ -189,7 +192,7 @@ class PPOTrainer:
                 **statistics}
 
     def _metrics(self, exp: Experience, rewards: torch.Tensor, kl_divergence: float, kl_coef: float,
-                 update_metrics: dict, skipped_minibatches: int, meter: PhaseMeter) -> dict:
+                 update_metrics: dict, skipped_minibatches: int, prompts_truncated: float, meter: PhaseMeter) -> dict:
         """The iteration's metrics, the same on every rank: this rank's figures averaged over ranks (equal row
         counts make that the global mean), peaks maxed, token statistics over all ranks' tokens."""
         mask = exp.response_mask
@@ -202,6 +205,7 @@ class PPOTrainer:
             "response_length": mask.sum(1).mean().item(),
             "tokens": mask.sum().item(),
             "generation_partitioned": float(self.generator.last_generation == "partitioned"),
+            "prompts_truncated": prompts_truncated,
             **update_metrics, **meter.seconds,
         }
         metrics = {**all_reduce_mean(local), **all_reduce_max(meter.peak_mb)}

@@ -174,8 +174,101 @@ def test_missing_rank_shard_is_named_by_the_cli(damaged, tmp_path):
                           timeout=LAUNCH_TIMEOUT_S)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: checkpoint file {shard} is missing (checkpoint {damaged} is incomplete); restore it or resume "
-        "from an older checkpoint")
+        f"error: checkpoint file {shard} is missing: checkpoint {damaged} cannot be trusted; restore the file or "
+        "resume from an older checkpoint")
+
+
+@pytest.mark.parametrize("target", ["actor/state/mp_rank_00_model_states.pt",
+                                    "critic/state/zero_pp_rank_1_mp_rank_00_optim_states.pt", "trainer_state.json"])
+def test_one_changed_byte_is_refused_by_resume_export_and_evaluation(damaged, tmp_path, target):
+    """A flipped byte in a weight or optimizer shard (torch.load does not verify its zip checksums) or a
+    same-size edit of trainer_state.json: the size is right, the sha256 is not."""
+    path = damaged / target
+    data = bytearray(path.read_bytes())
+    if target.endswith(".json"):
+        data = bytearray(bytes(data).replace(b'"iteration": 2', b'"iteration": 1', 1))
+        assert len(data) == path.stat().st_size
+    else:
+        data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{path} does not match its sha256"):
+        verify_checkpoint(str(damaged))
+    if target != "trainer_state.json":
+        return  # the entry points all go through verify_checkpoint: one damaged file is enough to see each refuse
+    for command in (["launch/export.py", str(damaged), str(tmp_path / "out")],
+                    ["launch/evaluate.py", "--policy", str(damaged), "--output_dir", str(tmp_path / "eval")],
+                    ["launch/train.py", *RUN_ARGS, "--output_dir", str(tmp_path / "resumed"), "--resume",
+                     str(damaged)]):
+        proc = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True,
+                              timeout=LAUNCH_TIMEOUT_S)
+        assert proc.returncode == 2, (command, proc.stderr[-3000:])
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "does not match its sha256" in errors[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_trainer_state_must_belong_to_its_directory(damaged):
+    moved = damaged.parent / checkpoint_name(3)
+    damaged.rename(moved)
+    with pytest.raises(CheckpointError, match="says iteration 2 but the directory is iter_0000003"):
+        verify_checkpoint(str(moved))
+
+
+def test_export_never_destroys_the_checkpoint_its_run_or_other_files(straight, tmp_path):
+    ckpt = straight / "checkpoints" / checkpoint_name(ITERATIONS)
+    before = sorted(str(p.relative_to(straight)) for p in straight.rglob("*"))
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("do not delete")
+    (tmp_path / "a_file").write_text("x")
+
+    def export(out, *extra):
+        return subprocess.run([sys.executable, "launch/export.py", str(ckpt), str(out), *extra], cwd=REPO,
+                              capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+
+    for out, needle in ((straight, "would overwrite the"), (ckpt, "would overwrite the"),
+                        (ckpt / "policy", "would overwrite the"), (straight / "exported", "would overwrite the run"),
+                        (straight.parent, "would overwrite the"), (keep, "is not empty and is not an earlier"),
+                        (tmp_path / "a_file", "is a file")):
+        proc = export(out)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and needle in proc.stderr, (out, proc.stderr)
+    assert sorted(str(p.relative_to(straight)) for p in straight.rglob("*")) == before
+    assert (keep / "notes.txt").read_text() == "do not delete"
+    assert export(tmp_path / "new").returncode == 0
+    assert export(tmp_path / "new").returncode == 0  # an earlier export is replaced without --overwrite
+    assert export(keep, "--overwrite").returncode == 0 and not (keep / "notes.txt").exists()
+
+
+def test_a_write_failure_torch_reports_as_runtime_error_is_a_checkpoint_error(tmp_path):
+    """torch.save reports a full disk as a RuntimeError ("file write failed"), not an OSError."""
+    from types import SimpleNamespace
+
+    from rlhf_ds.checkpoint import save_checkpoint
+
+    def failing_save(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 2048: file write "
+                           "failed")
+
+    engines = SimpleNamespace(actor=SimpleNamespace(save_checkpoint=failing_save))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text(checkpoint_name(2))
+    with pytest.raises(CheckpointError, match=r"saving checkpoint .*iter_0000004 failed: \[enforce fail.*file write "
+                                              r"failed; .*latest still names the last complete checkpoint"):
+        save_checkpoint(engines, {"iteration": 4}, str(tmp_path), keep=2)
+    assert (tmp_path / "checkpoints" / "latest").read_text() == checkpoint_name(2)
+
+
+def test_retention_never_deletes_the_checkpoint_just_written(tmp_path):
+    from rlhf_ds.checkpoint import _prune
+
+    root = tmp_path / "checkpoints"
+    for iteration in (2, 4, 8):
+        (root / checkpoint_name(iteration)).mkdir(parents=True)
+        (root / checkpoint_name(iteration) / "manifest.json").write_text("{}")
+    _prune(str(root), keep=2, just_saved=str(root / checkpoint_name(4)))  # resumed from 2, saved 4; 8 is newer
+    assert sorted(p.name for p in root.iterdir()) == [checkpoint_name(4), checkpoint_name(8)]
+    _prune(str(root), keep=1, just_saved=str(root / checkpoint_name(4)))
+    assert sorted(p.name for p in root.iterdir()) == [checkpoint_name(4)]
 
 
 def test_unfinished_save_and_bad_paths_are_errors(damaged, tmp_path):
@@ -184,6 +277,8 @@ def test_unfinished_save_and_bad_paths_are_errors(damaged, tmp_path):
         verify_checkpoint(str(damaged))
     with pytest.raises(CheckpointError, match="nowhere does not exist"):
         find_checkpoint(str(tmp_path / "nowhere"), str(tmp_path))
+    with pytest.raises(CheckpointError, match="trainer_state.json is a file, not a checkpoint directory"):
+        verify_checkpoint(str(damaged / "trainer_state.json"))
     (tmp_path / "checkpoints" / "latest").write_text(checkpoint_name(8))
     with pytest.raises(CheckpointError, match="names 'iter_0000008', which does not exist"):
         find_checkpoint("auto", str(tmp_path))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ds.config import ConfigError, PPOConfig
+from rlhf_ds.config import ConfigError, ConfigHelp, PPOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +46,15 @@ def test_int_accepted_for_float_field():
     ({"kl_cof": 0.1}, "did you mean 'kl_coef'"),
     ({"clip_range": 1.5}, "clip_range=1.5"),
     ({"clip_range": 0.0}, "clip_range=0.0"),
+    ({"clip_range": 1.0}, "clip_range=1.0"),
+    ({"clip_range_value": 0.0}, "clip_range_value=0.0"),
+    ({"reward_clip": 0.0}, "reward_clip=0.0"),
+    ({"temperature": 0.0}, "temperature=0.0"),
+    ({"kl_coef_max": 0.0}, "kl_coef_max=0.0"),
+    ({"kl_coef_min": -0.01}, "kl_coef_min=-0.01"),
+    ({"reward_max_len": 7}, "reward_max_len=7"),
+    ({"warmup_steps": -1}, "warmup_steps=-1"),
+    ({"max_grad_norm": -0.1}, "max_grad_norm=-0.1"),
     ({"target_kl": 0.0}, "target_kl=0.0"),
     ({"kl_coef": -0.1}, "kl_coef=-0.1"),
     ({"gamma": 1.1}, "gamma=1.1"),
@@ -94,3 +103,107 @@ def test_save_round_trip(tmp_path):
     again = PPOConfig.from_file(str(tmp_path / "config.json"))
     assert again == c
     assert "kl_coef" in c.describe() and "0.05" in c.describe()
+
+
+@pytest.mark.parametrize("values", [
+    {"clip_range": 1e-9}, {"clip_range": 0.999}, {"gamma": 0.0}, {"gamma": 1.0}, {"lam": 0.0}, {"lam": 1.0},
+    {"kl_coef": 0.0}, {"vf_coef": 0.0}, {"entropy_coef": 0.0}, {"max_grad_norm": 0.0}, {"weight_decay": 0.0},
+    {"target_kl": 1e-9}, {"temperature": 1e-3}, {"kl_coef_min": 0.0}, {"kl_coef_min": 1.0, "kl_coef_max": 1.0},
+    {"reward_max_len": 8}, {"max_new_tokens": 1}, {"save_interval": 0}, {"warmup_steps": 0},
+    {"rollout_batch_size": 1, "mini_batch_size": 1}, {"clip_range_value": None, "reward_clip": None},
+])
+def test_range_boundaries_that_are_accepted(values):
+    c = PPOConfig.from_dict(values)
+    assert all(getattr(c, name) == value for name, value in values.items())
+
+
+FLOAT_FIELDS = ["actor_lr", "critic_lr", "kl_coef", "target_kl", "temperature", "reward_clip", "max_grad_norm",
+                "clip_range_value", "kl_coef_min", "gamma", "weight_decay"]
+
+
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+@pytest.mark.parametrize("text, shown", [("inf", "inf"), ("-inf", "-inf"), ("1e400", "inf"), ("nan", "nan")])
+def test_non_finite_float_from_command_line_is_refused(name, text, shown):
+    default = getattr(PPOConfig(), name)
+    with pytest.raises(ConfigError) as err:
+        PPOConfig.from_args([f"--{name}", text])
+    assert str(err.value) == f"{name}={shown} is invalid: use a finite number, e.g. {default!r}"
+
+
+def test_non_finite_float_from_dict_and_file_is_refused(tmp_path):
+    for value in (float("inf"), float("nan"), 10 ** 400):
+        with pytest.raises(ConfigError, match="^max_grad_norm=.* is invalid: use a finite number, e.g. 1.0$"):
+            PPOConfig.from_dict({"max_grad_norm": value})
+    json_file = tmp_path / "c.json"
+    json_file.write_text('{"reward_clip": Infinity}')
+    with pytest.raises(ConfigError, match="^reward_clip=inf is invalid: use a finite number, e.g. 5.0$"):
+        PPOConfig.from_file(str(json_file))
+    yaml_file = tmp_path / "c.yaml"
+    for text in ("kl_coef: .inf", "kl_coef: 1.0e+400", "kl_coef: 1e400", "kl_coef: .nan"):
+        yaml_file.write_text(text + "\n")
+        with pytest.raises(ConfigError, match="^kl_coef=(inf|nan) is invalid: use a finite number, e.g. 0.2$"):
+            PPOConfig.from_args(["--config", str(yaml_file)])
+
+
+def test_yaml_number_without_dot_is_read_as_the_number(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("actor_lr: 1e-6\ncritic_lr: 5E-6\nkl_coef_max: 3e0\niterations: '4'\n")
+    for config in (PPOConfig.from_file(str(path)), PPOConfig.from_args(["--config", str(path)])):
+        assert (config.actor_lr, config.critic_lr, config.kl_coef_max) == (1e-6, 5e-6, 3.0)
+        assert isinstance(config.actor_lr, float) and config.iterations == 4
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("actor_lr: fast", "actor_lr='fast' has type str: expected float"),
+    ("iterations: 4.5", "iterations=4.5 has type float: expected int"),
+    ("iterations: '4.5'", "iterations='4.5' has type str: expected int"),
+    ("kl_horizon: 1e4", "kl_horizon='1e4' has type str: expected int"),
+    ("output_dir: 12", "output_dir=12 has type int: expected str"),
+])
+def test_file_value_that_is_not_a_number_keeps_the_type_error(tmp_path, text, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as err:
+        PPOConfig.from_file(str(path))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_key_in_config_file_names_the_file(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("kl_cof: 0.1\n")
+    message = f"unknown field 'kl_cof' in {path}: did you mean 'kl_coef'?"
+    for load in (lambda: PPOConfig.from_file(str(path)),
+                 lambda: PPOConfig.from_args(["--config", str(path), "--iterations", "3"])):
+        with pytest.raises(ConfigError) as err:
+            load()
+        assert str(err.value) == message
+    good = tmp_path / "good.yaml"
+    good.write_text("kl_coef: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        PPOConfig.from_args(["--config", str(good), "--kl_cof", "1"])
+    assert str(err.value) == "unknown option '--kl_cof': did you mean '--kl_coef'?"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], ["--kl_coef", "0.3", "--help"], ["--kl_cof", "1", "-h"],
+                                  ["--config", "missing.yaml", "-h", "--iterations", "3"]])
+def test_help_anywhere_in_argv_raises_config_help_with_every_field(argv):
+    with pytest.raises(ConfigHelp) as err:
+        PPOConfig.from_args(argv)
+    assert not isinstance(err.value, ConfigError)
+    text = str(err.value)
+    lines = text.splitlines()
+    assert lines[0] == "usage: [--config FILE] [--field value ...]"
+    kl_coef = [line for line in lines if line.split()[:1] == ["--kl_coef"]]
+    assert len(kl_coef) == 1 and "0.2" in kl_coef[0]
+    assert "initial KL penalty coefficient: adjusted_reward = reward - kl_coef * kl" in kl_coef[0]
+    for name in PPOConfig.__dataclass_fields__:
+        assert sum(line.split()[:1] == [f"--{name}"] for line in lines) == 1, name
+
+
+def test_readme_configuration_table_is_the_configs_own():
+    from pathlib import Path
+
+    from rlhf_ds.config import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown_table() in readme, "README's table is stale: paste `python -m rlhf_ds.config` into it"

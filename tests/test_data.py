@@ -311,3 +311,11 @@ def test_loader_resume_continues_identically():
 def test_loader_too_few_prompts():
     with pytest.raises(DataError, match="fewer than one global batch"):
         PromptLoader(PROMPTS[:5], batch_size=3, seed=0, world_size=2)
+
+
+def test_many_malformed_records_give_a_warning_line():
+    from rlhf_ds.data import LoadStats
+
+    stats = LoadStats(source="x.jsonl", total=100, used=90, skipped_malformed=10)
+    assert "10 of 100 records of x.jsonl are malformed" in stats.warning() and "\n" not in stats.warning()
+    assert LoadStats(source="x.jsonl", total=100, used=97, skipped_malformed=3).warning() is None

@@ -92,7 +92,7 @@ def test_cache_reuse_corruption_and_unwritable(tmp_path, monkeypatch):
 
     weights = first.root / "policy" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])  # truncated file
-    assert "does not match its hash" in verify(first.root)
+    assert "does not match its sha256" in verify(first.root)
     with pytest.warns(UserWarning, match="broken"):
         rebuilt = build(TINY)
     assert verify(rebuilt.root) is None

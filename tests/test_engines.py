@@ -6,7 +6,7 @@ import pytest
 import torch
 from deepspeed.runtime.config import DeepSpeedConfig
 
-from rlhf_ds.config import PPOConfig
+from rlhf_ds.config import ConfigError, PPOConfig
 from rlhf_ds.engines import DS_CONFIG_DIR, _warmup_factor, build_ds_config, resolve_precision
 
 WORLD = 2
@@ -93,14 +93,41 @@ def test_inference_roles_follow_the_actor(role):
     DeepSpeedConfig(build_ds_config(_config(zero_stage=3, offload_params=True), role, 1))
 
 
-def test_user_ds_config_keeps_tuning_but_not_trainer_fields(tmp_path):
+def test_user_ds_config_keeps_its_tuning_and_gets_the_trainer_fields_filled(tmp_path):
     path = tmp_path / "mine.json"
-    path.write_text(json.dumps({"train_batch_size": 999, "zero_optimization": {"stage": 1, "reduce_bucket_size": 123},
-                                "optimizer": {"type": "AdamW", "params": {"lr": 1.0, "eps": 1e-6}}}))
+    path.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"reduce_bucket_size": 123},
+                                "optimizer": {"type": "AdamW", "params": {"eps": 1e-6}}}))
     ds = build_ds_config(_config(ds_config=str(path), zero_stage=2, mini_batch_size=2, rollout_batch_size=2),
                          "actor", WORLD)
     assert ds["train_batch_size"] == 4 and ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 123}
     assert ds["optimizer"]["params"]["eps"] == 1e-6 and ds["optimizer"]["params"]["lr"] == PPOConfig().actor_lr
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3 but this run needs 2 (from zero_stage)"),
+    ({"train_batch_size": 999}, "train_batch_size=999"),
+    ({"train_micro_batch_size_per_gpu": 1}, "train_micro_batch_size_per_gpu=1"),
+    ({"gradient_clipping": 0.5}, "gradient_clipping=0.5 but this run needs 1.0 (from max_grad_norm)"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1.0}}}, "optimizer.params.lr=1.0"),
+    ({"bf16": {"enabled": True}}, "bf16.enabled=True but this run needs False (from precision)"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "offload_optimizer.device='cpu'"),
+])
+def test_user_ds_config_that_contradicts_the_config_is_one_line_naming_the_file(tmp_path, setting, needle):
+    """A JSON value that the run would override is refused, never silently dropped (it used to be replaced)."""
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(setting))
+    with pytest.raises(ConfigError) as caught:
+        build_ds_config(_config(ds_config=str(path), precision="fp32"), "actor", WORLD)
+    message = str(caught.value)
+    assert str(path) in message and needle in message and '"auto"' in message and "\n" not in message
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", ""])
+def test_malformed_ds_config_is_one_line_naming_the_file(tmp_path, text):
+    path = tmp_path / "broken.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"ds_config {path}"):
+        build_ds_config(_config(ds_config=str(path)), "actor", WORLD)
 
 
 def test_user_ds_config_without_optimizer_gets_the_shipped_one(tmp_path):

@@ -197,10 +197,12 @@ def test_cli_bad_policy_path_is_one_line_and_exit_2(tmp_path):
     (["--num_prompts", "0"], "--num_prompts 0"),
     (["--dataset", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
     (["--temperature", "0"], "temperature=0.0 is invalid"),
+    pytest.param(["--device", "cuda"], "no usable CUDA device", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="checks the message of a torch without CUDA")),
 ])
 def test_cli_bad_inputs_are_one_line_and_exit_2(args, needle, paths, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     argv = [a.format(empty_dir=tmp_path / "empty", tmp=tmp_path) for a in args]
-    code = _launcher().main(argv + ["--device", "cpu", "--output_dir", str(tmp_path / "run")])
+    code = _launcher().main(["--device", "cpu"] + argv + ["--output_dir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], err

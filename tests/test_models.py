@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import Qwen2ForCausalLM
 
-from rlhf_ds.models import (VALUE_HEAD_FILE, CriticModel, load_critic, load_policy, load_reward_model, load_tokenizer,
-                            position_ids_from_mask, qwen2_0_5b_config, save_critic, tiny_deberta_config,
-                            tiny_qwen2_config)
+from rlhf_ds.models import (VALUE_HEAD_FILE, CriticModel, ModelError, check_model_source, load_critic, load_policy,
+                            load_reward_model, load_tokenizer, position_ids_from_mask, qwen2_0_5b_config, save_critic,
+                            tiny_deberta_config, tiny_qwen2_config)
 
 QWEN2_0_5B_PARAMETERS = 494_032_768  # Qwen/Qwen2-0.5B, embeddings tied
 
@@ -103,3 +103,49 @@ def test_critic_head_takes_backbone_dtype(tiny):
 def test_policy_loads_without_kv_cache_for_training(tiny):
     _, paths = tiny
     assert load_policy(paths["policy"], torch.float32).config.use_cache is False
+
+
+# --- the right kind of model for each role, checked before (or while) loading --------------------------------
+def test_model_paths_that_cannot_serve_their_role_are_one_line(tiny, tmp_path):
+    _, paths = tiny
+    (tmp_path / "empty").mkdir()
+    cases = [("./no/such/model", "policy_model", "does not exist"),
+             (str(tmp_path / "empty"), "policy_model", "not a Hugging Face model directory (no config.json)"),
+             (paths["policy"], "reward_model", "is a Qwen2ForCausalLM, not a model with a ForSequenceClassification"),
+             (paths["reward"], "policy_model", "is a DebertaV2ForSequenceClassification, not a model with a "
+                                               "ForCausalLM or LMHeadModel head")]
+    for path, field, needle in cases:
+        with pytest.raises(ModelError) as caught:
+            check_model_source(path, field)
+        assert needle in str(caught.value) and f"{field}=" in str(caught.value) and "\n" not in str(caught.value)
+    assert check_model_source(paths["policy"], "policy_model").model_type == "qwen2"
+    assert check_model_source(paths["policy"], "critic_model").model_type == "qwen2"
+
+
+def test_reward_model_with_two_labels_or_without_its_head_is_refused(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, DebertaV2ForSequenceClassification
+
+    _, paths = tiny
+    two = DebertaV2ForSequenceClassification.from_pretrained(paths["reward"], num_labels=2,
+                                                             ignore_mismatched_sizes=True)
+    two.save_pretrained(tmp_path / "two")
+    with pytest.raises(ModelError, match="num_labels=2: a reward model gives one score"):
+        check_model_source(str(tmp_path / "two"), "reward_model")
+    # A checkpoint without the classification head: transformers would initialise it randomly, with a warning.
+    headless = tmp_path / "headless"
+    DebertaV2ForSequenceClassification.from_pretrained(paths["reward"]).save_pretrained(headless)
+    weights = load_file(headless / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith(("classifier", "pooler"))},
+              headless / "model.safetensors", metadata={"format": "pt"})
+    assert AutoConfig.from_pretrained(headless).num_labels == 1  # passes the config check ...
+    with pytest.raises(ModelError, match="reward_model=.* has no trained weights for classifier"):
+        load_reward_model(str(headless), torch.float32)  # ... and is refused as it loads
+
+
+def test_a_hub_name_that_cannot_be_fetched_is_one_line(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at start-up
+    with pytest.raises(ModelError, match=r"policy_model='rlhf-ds-tests/not-a-model' cannot be loaded .*download it"):
+        check_model_source("rlhf-ds-tests/not-a-model", "policy_model")

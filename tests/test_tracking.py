@@ -20,6 +20,8 @@ from rlhf_ds import tracking
 from rlhf_ds.config import ConfigError, PPOConfig
 from rlhf_ds.tracking import RunLogger, check_trackers, format_metrics, git_revision, write_run_info
 
+ROOT = Path(__file__).resolve().parents[1]
+
 PACKAGE_DIR = str(Path(rlhf_ds.__file__).resolve().parent)
 
 
@@ -289,3 +291,67 @@ def test_git_revision_needs_the_directory_tracked_and_sees_edits(tmp_path, monke
     (repo / "pkg" / "module.py").write_text("x = 2\n")
     assert git_revision(str(repo / "pkg")) == (head, True)
     assert git_revision(str(repo / "untracked")) == (None, None)  # e.g. a virtualenv inside someone's repo
+
+
+# --- the run directory ------------------------------------------------------------------------------------
+def _previous_run(root: Path) -> Path:
+    (root / "checkpoints" / "iter_0000020").mkdir(parents=True)
+    (root / "checkpoints" / "latest").write_text("iter_0000020")
+    (root / "metrics.jsonl").write_text('{"iteration": 0}\n')
+    (root / "notes.txt").write_text("mine")
+    return root
+
+
+def test_a_fresh_run_refuses_a_directory_holding_another_run(tmp_path):
+    run = _previous_run(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"output_dir=.*already holds a run \(checkpoints/, metrics.jsonl\): "
+                                          "continue it with --resume auto, replace it with --overwrite_output_dir"):
+        tracking.check_output_dir(PPOConfig(output_dir=str(run)))
+    tracking.check_output_dir(PPOConfig(output_dir=str(run), resume="auto"))
+    tracking.check_output_dir(PPOConfig(output_dir=str(run), overwrite_output_dir=True))
+    (tmp_path / "empty_metrics").mkdir()
+    (tmp_path / "empty_metrics" / "metrics.jsonl").write_text("")  # a run killed before its first iteration
+    tracking.check_output_dir(PPOConfig(output_dir=str(tmp_path / "empty_metrics")))
+    tracking.check_output_dir(PPOConfig(output_dir=str(tmp_path / "new" / "deeper")))
+    with pytest.raises(ConfigError, match="pass only one of them"):
+        PPOConfig(output_dir=str(run), resume="auto", overwrite_output_dir=True).validate()
+
+
+def test_output_dir_that_is_a_file_or_inside_one_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(ConfigError, match="file"):
+            tracking.check_output_dir(PPOConfig(output_dir=str(out)))
+    with pytest.raises(ConfigError, match="output_dir"):
+        PPOConfig(output_dir=" ").validate()
+
+
+def test_overwrite_deletes_only_the_previous_runs_outputs(tmp_path):
+    run = _previous_run(tmp_path / "run")
+    assert sorted(tracking.clear_previous_run(str(run))) == ["checkpoints", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
+def test_train_py_in_a_used_directory_is_one_line_and_touches_nothing(tmp_path):
+    run = _previous_run(tmp_path / "run")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--output_dir", str(run)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "--resume auto" in proc.stderr and "--overwrite_output_dir" in proc.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_train_py_help_lists_every_field_and_exits_zero():
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == ""
+    for name in ("kl_coef", "stop_strings", "overwrite_output_dir"):
+        assert name in proc.stdout
+
+
+def test_an_unwritable_output_dir_is_one_line(tmp_path, monkeypatch):
+    """As root (CI) every directory is writable, so the permission answer is what is replaced here."""
+    monkeypatch.setattr(tracking.os, "access", lambda path, mode: False)
+    with pytest.raises(ConfigError, match=r"output_dir=.* is not writable .*choose another --output_dir"):
+        tracking.check_output_dir(PPOConfig(output_dir=str(tmp_path / "run")))

@@ -159,6 +159,8 @@ def test_batched_experience_equals_per_sequence_and_ignores_left_padding(embedde
     (["--clip_range", "1.5"], "clip_range=1.5"),
     (["--kl_cof", "0.1"], "did you mean '--kl_coef'"),
     (["--dataset", "/nonexistent/prompts.jsonl"], "/nonexistent/prompts.jsonl"),
+    (["--iterations", "1"], "is not a Hugging Face model directory (no config.json)"),
+    (["--actor_lr", "inf"], "actor_lr=inf is invalid: use a finite number"),
 ])
 def test_train_py_bad_input_is_one_line_and_exit_2(args, needle, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *args,
@@ -167,6 +169,14 @@ def test_train_py_bad_input_is_one_line_and_exit_2(args, needle, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_fewer_prompts_than_one_global_batch_is_one_line_before_any_model_loads(embedded, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--max_prompts", "8",
+                           "--output_dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "8 prompts is fewer than one global batch" in proc.stderr
+    assert "placement" not in proc.stdout  # nothing was loaded
 
 
 def test_non_finite_scores_are_skipped_counted_and_stop_the_run(embedded, tmp_path):

@@ -1,0 +1,62 @@
+"""File manifests: the size and sha256 of every file under a directory, written once the directory is complete
+and checked before it is trusted (training checkpoints, the embedded default's cache).
+
+A size catches a truncated or missing file at once; the sha256 catches what a size cannot: one flipped byte in
+a weight shard (``torch.load`` does not verify its zip checksums) or a hand-edited JSON file of the same length.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Optional
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (checkpoint shards can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(root: str, exclude: tuple[str, ...]) -> list[str]:
+    """Paths of every file under root relative to it, sorted, without the names in ``exclude``."""
+    found = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            rel = os.path.relpath(os.path.join(folder, name), root)
+            if rel not in exclude:
+                found.append(rel)
+    return sorted(found)
+
+
+def describe_files(root: str, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Relative path -> {"size": bytes, "sha256": hex} of every file under ``root`` but ``exclude``."""
+    return {rel: {"size": os.path.getsize(os.path.join(root, rel)), "sha256": sha256_file(os.path.join(root, rel))}
+            for rel in _files(root, exclude)}
+
+
+def file_digests(root: str, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """Relative path -> hex sha256 of every file under ``root`` but ``exclude``."""
+    return {rel: sha256_file(os.path.join(root, rel)) for rel in _files(root, exclude)}
+
+
+def first_problem(root: str, expected: dict) -> Optional[str]:
+    """None when every file ``expected`` lists is under ``root`` as recorded, else one line naming the first
+    that is not. Entries are {"size", "sha256"} dicts, a bare sha256 string, or a bare size (older manifests).
+    All sizes are checked before any file is hashed, so a lost or truncated file is reported as such, fast."""
+    for rel, entry in expected.items():
+        full = os.path.join(root, rel)
+        if not os.path.isfile(full):
+            return f"{full} is missing"
+        size = entry if isinstance(entry, int) else entry.get("size") if isinstance(entry, dict) else None
+        if size is not None and os.path.getsize(full) != size:
+            return f"{full} has {os.path.getsize(full)} bytes, expected {size} (truncated or corrupt)"
+    for rel, entry in expected.items():
+        digest = entry if isinstance(entry, str) else entry.get("sha256") if isinstance(entry, dict) else None
+        if digest is not None and sha256_file(os.path.join(root, rel)) != digest:
+            return f"{os.path.join(root, rel)} does not match its sha256 (corrupt or edited)"
+    return None

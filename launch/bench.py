@@ -260,7 +260,8 @@ def _generation_section(config, policy_path: str, prompts, args, figures: dict) 
     from rlhf_ds.data import PromptCollator, PromptLoader
     from rlhf_ds.distributed import barrier, get_rank, get_world_size
     from rlhf_ds.engines import build_ds_config, resolve_precision
-    from rlhf_ds.hybrid import HybridEngine, torch_linear
+    from rlhf_ds.hybrid import HybridEngine
+    from rlhf_ds.zero3 import torch_linear
     from rlhf_ds.models import load_policy, load_tokenizer
 
     world = get_world_size()

@@ -110,4 +110,6 @@ def _fail(err: Exception, code: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from rlhf_ds.distributed import exit_process
+
+    exit_process(main(sys.argv[1:]))

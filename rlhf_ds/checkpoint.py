@@ -35,7 +35,7 @@ import torch
 
 from rlhf_ds.config import ConfigError, PPOConfig
 from rlhf_ds.distributed import barrier, get_rank, get_world_size, is_main_process
-from rlhf_ds.manifest import describe_files, first_problem
+from rlhf_ds.files import atomic_write_text, describe_files, first_problem, replace_dir
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -101,13 +101,8 @@ def _rng_file(path: str, rank: int) -> str:
 
 # --- saving ------------------------------------------------------------------------------------------------
 def _write_json(path: str, value: dict) -> None:
-    """Write and fsync through a temporary name, so the file is either the old one or the whole new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(value, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """The file is either the old one or the whole new one."""
+    atomic_write_text(path, json.dumps(value, indent=1))
 
 
 def save_checkpoint(engines, trainer_state: dict, output_dir: str, keep: int) -> str:
@@ -149,9 +144,7 @@ def _save(engines, trainer_state: dict, root: str, final: str, keep: int) -> str
         if os.path.exists(final):  # the same iteration saved again (e.g. a signal right after a save)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        with open(os.path.join(root, LATEST + ".tmp"), "w") as fh:
-            fh.write(os.path.basename(final))
-        os.replace(os.path.join(root, LATEST + ".tmp"), os.path.join(root, LATEST))
+        atomic_write_text(os.path.join(root, LATEST), os.path.basename(final))
         _prune(root, keep, final)
     barrier()
     return final
@@ -299,16 +292,6 @@ def _mark_export(directory: str, source: str) -> None:
     with open(os.path.join(directory, EXPORT_MARKER), "w") as fh:
         json.dump({"exported_from": source}, fh)
         fh.write("\n")
-def _replace_dir(tmp: str, final: str) -> None:
-    """Move ``tmp`` to ``final``, keeping the old ``final`` until the new one is in place."""
-    old = final + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(final):
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _save_causal_lm(model, state: dict, tokenizer, out_dir: str, source: str) -> None:
     """``save_pretrained`` (safetensors) + tokenizer into ``out_dir`` atomically, with the KV cache turned on,
     marked as an export of ``source``."""
@@ -321,7 +304,7 @@ def _save_causal_lm(model, state: dict, tokenizer, out_dir: str, source: str) ->
         model.config.use_cache = training_cache
     tokenizer.save_pretrained(tmp)
     _mark_export(tmp, source)
-    _replace_dir(tmp, out_dir)
+    replace_dir(tmp, out_dir)
 
 
 def export_model(engine, tokenizer, out_dir: str) -> None:
@@ -376,7 +359,7 @@ def export_checkpoint(path: str, out_dir: str, critic_out: Optional[str] = None,
         shutil.rmtree(tmp, ignore_errors=True)
         save_critic(critic, tmp, critic_state)
         _mark_export(tmp, path)
-        _replace_dir(tmp, critic_out)
+        replace_dir(tmp, critic_out)
     return out_dir
 
 

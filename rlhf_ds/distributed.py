@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import socket
-from typing import Optional
+import sys
+from typing import NoReturn, Optional
 
 import torch
 import torch.distributed as dist
 
+from rlhf_ds.ppo import whiten
+
 # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher sets LOCAL_SIZE: ranks sharing this machine.
 _LOCAL_WORLD_SIZE_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE")
 _RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-# Added to the variance before rsqrt so a constant batch whitens to 0 instead of nan (as ppo.masked_whiten).
-WHITEN_EPS = 1e-8
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A TCP port that was free a moment ago (the OS picks it), for a single-process rendezvous."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -59,7 +61,7 @@ def _set_single_process_env() -> None:
                            "$SLURM_JOB_NODELIST | head -n 1) and a MASTER_PORT before srun")
     defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     for name in missing:
-        os.environ[name] = defaults[name] if name in defaults else str(_free_port())
+        os.environ[name] = defaults[name] if name in defaults else str(free_port())
 
 
 def local_world_size() -> int:
@@ -127,6 +129,19 @@ def _leave_process_group() -> None:
         os.unlink(shm_allreduce_buffer(rank))
 
 
+def exit_process(code: int) -> NoReturn:
+    """End a rank that has finished its work with exit status ``code``: leave the process group, flush, and
+    ``os._exit``. The interpreter's own teardown can abort a finished rank when it destroys what the
+    distributed runtime left behind ("terminate called without an active exception": seen in about one 2-rank
+    ZeRO-3 launch in ten on a fresh machine, although every rank had written its results); ``os._exit`` skips
+    that teardown. Only for the end of an entry point: atexit handlers do not run after it."""
+    _leave_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 def get_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -177,38 +192,36 @@ def global_masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (sums[0] / sums[1]).to(x.dtype)
 
 
-def global_masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(mean, unbiased variance, count) of x over the valid tokens of ALL ranks, float64 0-d tensors and an int.
+def global_masked_moments(x: torch.Tensor, mask: torch.Tensor,
+                          unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(mean, variance, count) of x over the valid tokens of ALL ranks, float64 0-d tensors and an int.
 
-    x, mask: (B, T). One all-reduce of (sum, sum of squares, count). With fewer than 2 valid tokens in total
-    the variance is undefined and returned as nan (the mean too when there are none): the callers decide
-    what that means. Every rank must call it.
+    x, mask: (B, T) or (B,). One all-reduce of (sum, sum of squares, count). The variance is unbiased (n - 1),
+    or the population variance (n) with unbiased=False. Undefined moments (the variance of fewer than 2 values
+    when unbiased, anything of none) are nan: the callers decide what that means. Every rank must call it.
     """
     total, total_sq, count = all_reduce_sum(_masked_sums(x, mask)).unbind()
     count_int = int(count)
-    mean = total / count if count_int > 0 else torch.tensor(float("nan"), dtype=torch.float64)
-    if count_int < 2:
-        return mean, torch.tensor(float("nan"), dtype=torch.float64), count_int
-    var = (total_sq - count * mean.square()) / (count - 1)
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    mean = total / count if count_int > 0 else nan
+    if count_int < (2 if unbiased else 1):
+        return mean, nan, count_int
+    if unbiased:
+        var = (total_sq - count * mean.square()) / (count - 1)
+    else:
+        var = total_sq / count - mean.square()
     return mean, var.clamp_min(0), count_int
 
 
 def global_masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """Normalise x with the mean and unbiased variance of the valid tokens of ALL ranks.
 
-    x, mask: (B, T) -> (B, T) of x's dtype. ``(x - mean) * rsqrt(var + WHITEN_EPS)``; shift_mean=False adds the
-    mean back (rescale only), like ``ppo.masked_whiten``. Padded positions are 0. With a single valid token
-    over all ranks there is no spread to divide by: it is only centred (to 0, or left as is when
-    shift_mean=False), so a rollout of one-token responses on one rank cannot crash the run.
+    x, mask: (B, T) -> (B, T) of x's dtype: ``ppo.whiten`` with the global moments, in float64; padded positions
+    are 0. With a single valid token over all ranks there is no spread to divide by: it is only centred (to 0,
+    or left as is when shift_mean=False), so a rollout of one-token responses on one rank cannot crash the run.
     """
     mean, var, count = global_masked_moments(x, mask)
-    if count < 2:
-        whitened = x.double() - mean
-    else:
-        whitened = (x.double() - mean) * torch.rsqrt(var + WHITEN_EPS)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, 0.0).to(x.dtype)
+    return whiten(x.double(), mask, mean, var if count >= 2 else None, shift_mean).to(x.dtype)
 
 
 def global_explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> Optional[float]:

@@ -33,7 +33,8 @@ import torch
 
 from rlhf_ds import corpus
 from rlhf_ds.data import PromptCollator, extract_prompt, question_from_prompt
-from rlhf_ds.manifest import file_digests, first_problem
+from rlhf_ds.files import file_digests, first_problem
+from rlhf_ds.sampling import Sampler, Sampling
 from rlhf_ds.supervised import (Schedule, evaluate_reward_model, preference_pairs, train_reward_model, train_sft)
 
 EOS = "<|endoftext|>"  # Qwen2's end-of-text token, also its padding token
@@ -189,21 +190,18 @@ def sft_mix(records: list[dict], rejected_fraction: float, seed: int) -> list[st
 @torch.no_grad()
 def sample_answers(policy, tokenizer, prompts: list[str], max_new_tokens: int, max_prompt_len: int,
                    seed: int, batch_size: int = 64) -> tuple[list[str], float]:
-    """Sampled answers (text) of ``policy`` on ``prompts`` and the fraction that ended with EOS."""
-    from rlhf_ds.sampling import response_mask_from_tokens
-
+    """Sampled answers (text) of ``policy`` on ``prompts`` and the fraction that ended with EOS; batch i samples
+    from seed + i, through the trainer's own ``Sampler``."""
     collate = PromptCollator(tokenizer, max_prompt_len)
-    torch.manual_seed(seed)
+    sampler = Sampler(Sampling(max_new_tokens=max_new_tokens), tokenizer)
     answers, ended = [], 0
-    for start in range(0, len(prompts), batch_size):
+    for index, start in enumerate(range(0, len(prompts), batch_size)):
         batch = collate(prompts[start:start + batch_size])
-        out = policy.generate(**batch, do_sample=True, max_new_tokens=max_new_tokens,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        response = out[:, batch["input_ids"].shape[1]:]
-        mask = response_mask_from_tokens(response, tokenizer.eos_token_id)
+        sequences, mask = sampler.sample(policy, batch["input_ids"], batch["attention_mask"], seed=seed + index)
+        response = sequences[:, batch["input_ids"].shape[1]:]
         ended += int((response == tokenizer.eos_token_id).any(dim=1).sum())
-        for ids, keep in zip(response, mask):
-            answers.append(tokenizer.decode(ids[keep.bool()], skip_special_tokens=True).strip())
+        answers += [tokenizer.decode(ids[keep.bool()], skip_special_tokens=True).strip()
+                    for ids, keep in zip(response, mask)]
     return answers, ended / len(prompts)
 
 

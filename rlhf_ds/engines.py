@@ -134,8 +134,8 @@ def _training_config(config: PPOConfig, role: str, world_size: int) -> dict:
     adam = ds["optimizer"].get("type", "").lower() in ("adam", "adamw")
     if get_accelerator().device_name() == "cpu" and not config.offload_optimizer and adam:
         # On a GPU DeepSpeed's own FusedAdam runs (its default). On the CPU accelerator that FusedAdam is
-        # JIT-compiled (~40 s per fresh machine) for the same step time as torch's fused CPU AdamW, which
-        # cuts the optimizer step by ~23% against torch's per-tensor loop (docs/PERFORMANCE.md). The
+        # JIT-compiled on every fresh machine for the same step time as torch's fused CPU AdamW, which is
+        # faster than torch's per-tensor loop (docs/PERFORMANCE.md has the figures). The
         # JSON may choose otherwise ("torch_adam": false, "fused": false). Optimizer offload keeps
         # DeepSpeedCPUAdam, which ZeRO-Offload needs.
         params.setdefault("torch_adam", True)

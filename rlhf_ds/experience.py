@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from rlhf_ds.hybrid import gathered, torch_linear
+from rlhf_ds.zero3 import gathered, torch_linear
 from rlhf_ds.models import position_ids_from_mask
 from rlhf_ds.ppo import logprobs_from_logits
 from rlhf_ds.reward import decode_rollout, score_pairs
@@ -109,8 +109,8 @@ class ExperienceMaker:
         """prompt_mask (B, P), sequences (B, L), response_mask (B, R) -> Experience.
 
         Model by model, each over all micro-batches: under ZeRO-3 each model is gathered once per rollout
-        (``hybrid.gathered``) instead of layer by layer in every micro-batch's forward, and, no grad being
-        needed, with torch's own linear (``hybrid.torch_linear``). Micro-batches are buckets of similar
+        (``zero3.gathered``) instead of layer by layer in every micro-batch's forward, and, no grad being
+        needed, with torch's own linear (``zero3.torch_linear``). Micro-batches are buckets of similar
         length: rows sorted by prompt length, so each micro-batch's forwards cost its own longest prompt
         (``response_logits`` drops the left padding all its rows share), and the reward model's text pairs
         sorted by length, each micro-batch padded to its own longest pair.

@@ -4,22 +4,16 @@ Under ZeRO-3 every forward of a partitioned model all-gathers each layer and fre
 token generation pays a full parameter all-gather per token, and every rank must keep stepping until the
 slowest finishes (``synced_gpus``). ``deepspeed.runtime.zero.unwrap_model_for_generation`` gathers the
 parameters once per call and removes ZeRO's module hooks while generating; the forward then contains no
-collective at all, so each rank stops as soon as its own rows are done (``synced_gpus=False``). Measured
-on 2 CPU ranks: ~4x faster than partitioned generation, identical tokens. The partitioned path stays
-available for benchmarks and for models too big to gather on one device: ``zero3_generation`` chooses
-"gathered", "partitioned", or "auto" (the default), which gathers only when the whole actor plus the
-generation's KV cache and working set (``generation_memory_bytes``) fits in every rank's free memory
-(``memory.free_bytes``) and otherwise generates partitioned for that call, with a warning and a count
-(``partitioned_calls``).
+collective at all, so each rank stops as soon as its own rows are done (``synced_gpus=False``): several times
+faster than partitioned generation, with identical tokens (docs/PERFORMANCE.md has the figures). The
+partitioned path stays available for benchmarks and for models too big to gather on one device:
+``zero3_generation`` chooses "gathered", "partitioned", or "auto" (the default), which gathers only when the
+whole actor plus the generation's KV cache and working set (``generation_memory_bytes``) fits in every rank's
+free memory (``memory.free_bytes``) and otherwise generates partitioned for that call, with a warning and a
+count (``partitioned_calls``).
 
-Loading a model under ZeRO-3 (``zero.Init`` with ``memory_efficient_linear``, DeepSpeed's default) replaces
-``torch.nn.functional.linear`` for the whole process with ``zero3_linear_wrap``, an autograd Function that
-saves less for backward but costs ~75 us of Python per call (measured on the CPU), every linear layer of every
-token. Without grad it saves nothing, so ``torch_linear()`` puts torch's own linear back for the no-grad
-phases (generation here, the experience forwards in experience.py); training forwards keep DeepSpeed's.
-While the parameters are gathered, the engine's own forward hooks (which walk every module twice per forward
-under ZeRO-3 to flag external parameters, i.e. twice per generated token) are also suspended: nothing is
-partitioned, so there is nothing to discover.
+The no-grad ZeRO-3 tools it uses (gathering once, torch's own linear, the engine's hooks off) live in
+``zero3.py``.
 
 Shapes: B prompts, P prompt tokens (left-padded), R = max_new_tokens.
 """
@@ -30,10 +24,6 @@ import warnings
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from deepspeed.runtime.zero import unwrap_model_for_generation
-from deepspeed.runtime.zero.linear import zero3_linear_wrap
-from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from transformers import PreTrainedTokenizerBase
 
 from rlhf_ds import memory
@@ -41,59 +31,7 @@ from rlhf_ds.config import ZERO3_GENERATION
 from rlhf_ds.distributed import any_rank, is_main_process
 from rlhf_ds.models import kv_cache_bytes_per_token
 from rlhf_ds.sampling import Sampler, Sampling
-
-
-@contextlib.contextmanager
-def torch_linear():
-    """Inside: ``torch.nn.functional.linear`` is torch's own, even where ZeRO-3 loading replaced it with
-    ``zero3_linear_wrap`` (same maths, no Python autograd Function per call). Meant for no-grad forwards:
-    with grad, DeepSpeed's version is the one whose backward ZeRO-3 was configured for. Any other
-    replacement (e.g. ZeRO++ quantized weights) is left alone."""
-    if F.linear is not zero3_linear_wrap:
-        yield
-        return
-    F.linear = torch._C._nn.linear
-    try:
-        yield
-    finally:
-        F.linear = zero3_linear_wrap
-
-
-@contextlib.contextmanager
-def _engine_forward_hooks_off(engine):
-    """Suspend the DeepSpeed engine's forward pre/post hooks on its module (the way DeepSpeed itself does for
-    DeepCompile), re-creating them on exit; a no-op on an engine without them."""
-    pre, post = getattr(engine, "module_forward_pre_hook", None), getattr(engine, "module_forward_post_hook", None)
-    if pre is None or post is None or not hasattr(engine, "_create_module_forward_post_hook"):
-        yield
-        return
-    pre.remove()
-    post.remove()
-    try:
-        yield
-    finally:
-        engine.module_forward_pre_hook = engine._create_module_forward_pre_hook()
-        engine.module_forward_post_hook = engine._create_module_forward_post_hook()
-
-
-@contextlib.contextmanager
-def gathered(model):
-    """Inside: a ZeRO-3 engine's parameters gathered once and its per-forward hooks off, so
-    any number of no-grad forwards run as on an unpartitioned model; a collective, every rank enters it.
-    Anything else (a ZeRO-0/1/2 engine, a plain module) is left as it is. Parameters must not change inside."""
-    partitioned = getattr(model, "zero_optimization_partition_weights", None)
-    if partitioned is None or not partitioned():
-        yield
-        return
-    with unwrap_model_for_generation(model), _engine_forward_hooks_off(model):
-        yield
-
-
-def gather_bytes(model: torch.nn.Module) -> int:
-    """Bytes a ZeRO-3 gather allocates on each rank: every parameter not already held whole, at full size
-    (its shard stays allocated too). 0 for an unpartitioned model."""
-    return sum(p.ds_numel * p.element_size() for p in model.parameters()
-               if hasattr(p, "ds_numel") and p.ds_status != ZeroParamStatus.AVAILABLE)
+from rlhf_ds.zero3 import gather_bytes, gathered, torch_linear
 
 
 def generation_memory_bytes(model_config, dtype: torch.dtype, batch: int, prompt_len: int,

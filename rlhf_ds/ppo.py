@@ -10,6 +10,7 @@ never influence a statistic or a loss.
 import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+WHITEN_EPS = 1e-8  # added to the variance before rsqrt, so a constant batch whitens to 0 instead of nan
 
 
 def masked_mean(x, mask, dim=None):
@@ -52,19 +53,26 @@ def masked_var(x, mask, unbiased=True):
     return centered.square().sum() / denominator
 
 
-def masked_whiten(x, mask, shift_mean=True):
-    """Normalise x to unit variance (and zero mean) using valid positions only.
+def whiten(x, mask, mean, var=None, shift_mean=True):
+    """(x - mean) * rsqrt(var + WHITEN_EPS) at valid positions, 0 at padding: the one whitening formula, fed
+    with this batch's moments (``masked_whiten``) or all ranks' (``distributed.global_masked_whiten``).
 
-    Used on advantages so the policy-loss scale does not depend on the reward
-    scale. x, mask: (B, T) -> (B, T). Mean and unbiased variance come from the
-    valid positions; shift_mean=False adds the mean back (rescale only).
-    Output at padded positions is 0.
+    x, mask: (B, T) -> (B, T); mean, var: scalars (0-d tensors). var=None only centres (one value has no
+    spread to divide by). shift_mean=False adds the mean back (rescale only).
     """
-    mean = masked_mean(x, mask)
-    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask) + 1e-8)
+    whitened = x - mean if var is None else (x - mean) * torch.rsqrt(var + WHITEN_EPS)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, 0)
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """Normalise x to unit variance (and zero mean) using valid positions only.
+
+    Used on advantages so the policy-loss scale does not depend on the reward scale. x, mask: (B, T) -> (B, T).
+    Mean and unbiased variance come from the valid positions (at least 2); padded positions are 0.
+    """
+    return whiten(x, mask, masked_mean(x, mask), masked_var(x, mask), shift_mean)
 
 
 def _logprobs_of_labels(logits, labels):
@@ -102,9 +110,9 @@ def entropy_from_logits(logits):
     """Entropy of the categorical distribution at each position, for the entropy bonus.
 
     logits: (B, T, V) -> (B, T). bf16/fp16 logits are upcast to float32 one sequence at a time, as in
-    ``logprobs_from_logits``: in bf16 the sum over a 152k vocabulary loses ~0.1-0.2 nats and a small entropy
-    comes out 0 (so its bonus has no gradient), while a full (B, T, V) float32 copy would cost 4 bytes per
-    logit. float32/float64 logits keep their dtype.
+    ``logprobs_from_logits``: in bf16 arithmetic the sum over a 152k vocabulary loses about a tenth of a nat and
+    a small entropy comes out 0 (so its bonus has no gradient), while a full (B, T, V) float32 copy would cost
+    4 bytes per logit. float32/float64 logits keep their dtype.
     """
     if logits.dtype in (torch.float32, torch.float64):
         return _entropy(logits)

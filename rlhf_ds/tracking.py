@@ -21,6 +21,7 @@ from importlib import metadata
 from typing import IO, Optional
 
 from rlhf_ds.config import ConfigError, PPOConfig
+from rlhf_ds.files import atomic_write_text
 
 # Distributions whose versions decide a run's numbers (rlhf_ds is listed under its distribution name).
 TRACKED_PACKAGES = {"torch": "torch", "deepspeed": "deepspeed", "transformers": "transformers",
@@ -57,16 +58,6 @@ def scalars(metrics: dict) -> dict[str, float]:
     """The numeric metrics under their tags (``iteration`` is the step, ``skip_reason`` is text)."""
     return {scalar_tag(k): v for k, v in metrics.items()
             if k != "iteration" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _atomic_write(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader (or a crash) sees the old file or the new one, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _lines_before(path: str, start_iteration: int) -> list[str]:
@@ -107,7 +98,7 @@ class RunLogger:
         wandb = _import_wandb() if config.wandb else None
         os.makedirs(config.output_dir, exist_ok=True)
         kept = _lines_before(self.metrics_path, start_iteration) if start_iteration > 0 else []
-        _atomic_write(self.metrics_path, "".join(kept))
+        atomic_write_text(self.metrics_path, "".join(kept))
         self._file = open(self.metrics_path, "a")
         if config.tensorboard:
             self.writer = _summary_writer(os.path.join(config.output_dir, "tensorboard"), start_iteration or None)
@@ -271,7 +262,7 @@ def _start_wandb(wandb, config: PPOConfig, start_iteration: int):
             run_id = fh.read().strip() or None
     run = wandb.init(project=config.wandb_project, config=config.to_dict(), dir=config.output_dir,
                      id=run_id, resume="allow" if run_id else None)
-    _atomic_write(id_path, run.id + "\n")
+    atomic_write_text(id_path, run.id + "\n")
     return run
 
 
@@ -320,5 +311,5 @@ def write_run_info(config: PPOConfig, world_size: int) -> str:
     }
     os.makedirs(config.output_dir, exist_ok=True)
     path = os.path.join(config.output_dir, "run_info.json")
-    _atomic_write(path, json.dumps(info, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(info, indent=2) + "\n")
     return path

@@ -18,8 +18,8 @@ from rlhf_ds import memory, ppo
 from rlhf_ds.checkpoint import export_model, load_checkpoint, save_checkpoint
 from rlhf_ds.config import PPOConfig
 from rlhf_ds.data import PromptCollator, PromptLoader
-from rlhf_ds.distributed import (all_reduce_max, all_reduce_mean, all_reduce_sum, any_rank, get_rank,
-                                 get_world_size, global_explained_variance, global_masked_mean,
+from rlhf_ds.distributed import (all_reduce_max, all_reduce_mean, any_rank, get_rank, get_world_size,
+                                 global_explained_variance, global_masked_mean, global_masked_moments,
                                  global_masked_whiten, global_token_counts, is_main_process)
 from rlhf_ds.engines import Engines
 from rlhf_ds.experience import Experience, ExperienceMaker, response_logits, response_values
@@ -231,11 +231,8 @@ class PPOTrainer:
         """Scores standardised by running global moments when ``normalize_reward`` is on (same on all ranks)."""
         if not self.config.normalize_reward:
             return scores
-        stats = all_reduce_sum(torch.stack([scores.sum(), scores.square().sum(),
-                                            torch.tensor(float(scores.numel()), device=scores.device)]).double())
-        total, total_sq, count = stats.tolist()
-        mean = total / count
-        self.score_moments.update(mean, max(total_sq / count - mean**2, 0.0), int(count))
+        mean, var, count = global_masked_moments(scores, torch.ones_like(scores), unbiased=False)
+        self.score_moments.update(mean.item(), var.item(), count)
         return self.score_moments.normalize(scores)
 
     def _skip(self, reason: str, meter: PhaseMeter, skipped_minibatches: int = 0) -> dict:

@@ -245,7 +245,7 @@ def test_torch_linear_undoes_only_deepspeeds_zero3_linear_and_restores_it():
     import torch.nn.functional as F
     from deepspeed.runtime.zero.linear import zero3_linear_wrap
 
-    from rlhf_ds.hybrid import torch_linear
+    from rlhf_ds.zero3 import torch_linear
 
     original = F.linear
     try:
@@ -268,7 +268,7 @@ def test_torch_linear_undoes_only_deepspeeds_zero3_linear_and_restores_it():
 
 
 def test_gathered_leaves_a_plain_module_alone():
-    from rlhf_ds.hybrid import gathered
+    from rlhf_ds.zero3 import gathered
 
     model = torch.nn.Linear(2, 2)
     with gathered(model):

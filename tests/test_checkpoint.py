@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from rlhf_ds.checkpoint import (CheckpointError, check_resume_config, checkpoint_name,
                                 find_checkpoint, rng_state, set_rng_state, verify_checkpoint)
 from rlhf_ds.config import ConfigError, PPOConfig
-from test_distributed import LAUNCH_TIMEOUT_S, RANKS, REPO, _free_port, prepare_training_runs
+from rlhf_ds.distributed import free_port
+from test_distributed import LAUNCH_TIMEOUT_S, RANKS, REPO, prepare_training_runs
 
 ITERATIONS = 4
 RUN_ARGS = ["--iterations", str(ITERATIONS), "--save_interval", "2", "--rollout_batch_size", "4",
@@ -39,7 +40,7 @@ def start(output_dir: Path, fault: str = "none", *extra: str) -> subprocess.Pope
     """Start launch/train.py on RANKS ranks (deepspeed launcher) in its own process group."""
     prepare_training_runs()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(RANKS), "--no_local_rank",
-           "--master_port", str(_free_port()), str(RUN_CLI), fault, *RUN_ARGS, "--output_dir", str(output_dir),
+           "--master_port", str(free_port()), str(RUN_CLI), fault, *RUN_ARGS, "--output_dir", str(output_dir),
            *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_ds.distributed import (WHITEN_EPS, all_reduce_max, all_reduce_mean, barrier, get_rank, get_world_size,
-                                 global_explained_variance, global_masked_mean, global_masked_whiten,
-                                 global_token_counts, is_main_process)
+from rlhf_ds.distributed import (all_reduce_max, all_reduce_mean, barrier, free_port, get_rank, get_world_size,
+                                 global_explained_variance, global_masked_mean, global_masked_moments,
+                                 global_masked_whiten, global_token_counts, is_main_process)
+from rlhf_ds.ppo import WHITEN_EPS
 from rlhf_ds.sampling import response_mask_from_tokens
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,12 +29,6 @@ LAUNCH_TIMEOUT_S = 600
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < RANKS,
                                 reason=f"the launcher would start {RANKS} ranks on one GPU")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @functools.cache
@@ -65,7 +59,7 @@ def launch(script: str, out_dir: Path, *args: str) -> list[dict]:
     """Run tests/dist/<script> on RANKS ranks with the deepspeed launcher; return each rank's JSON."""
     prebuild_deepspeed_ops()
     out_dir.mkdir(parents=True, exist_ok=True)
-    port = str(_free_port())
+    port = str(free_port())
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(RANKS), "--no_local_rank",
            "--master_port", port, str(DIST / script), *args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -158,6 +152,10 @@ def test_helpers_without_process_group():
     assert global_explained_variance(values, returns, mask) == pytest.approx(expected_ev.item())
     assert global_explained_variance(values, returns, one_token) is None
     assert global_token_counts([mask, one_token]) == [4.0, 1.0]
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    mean, var, count = global_masked_moments(scores, torch.ones_like(scores), unbiased=False)
+    assert (mean.item(), var.item(), count) == (2.5, 1.25, 4)  # population variance, as the reward moments need
+    assert global_masked_moments(scores, torch.ones_like(scores))[1].item() == pytest.approx(5 / 3)
 
 
 def _bare_env(**extra: str) -> dict:
@@ -185,7 +183,7 @@ def test_srun_tasks_become_ranks():
     """What srun exports (no RANK/WORLD_SIZE) is enough for the tasks to find each other."""
     code = ("import torch; from rlhf_ds.distributed import init_distributed, get_rank, get_world_size, all_reduce_sum;"
             "init_distributed(); print(get_rank(), get_world_size(), all_reduce_sum(torch.ones(1)).item())")
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=_bare_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
                                             SLURM_STEP_NUM_TASKS=str(RANKS), MASTER_ADDR="127.0.0.1",

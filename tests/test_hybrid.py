@@ -5,7 +5,8 @@ import torch
 
 from transformers import Qwen2Config
 
-from rlhf_ds.hybrid import HybridEngine, gather_bytes, generation_memory_bytes
+from rlhf_ds.hybrid import HybridEngine, generation_memory_bytes
+from rlhf_ds.zero3 import gather_bytes
 from rlhf_ds.sampling import Sampling
 
 

@@ -18,7 +18,6 @@ about the scripts' plumbing rather than training, ``PYTHON`` is a fake that reco
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf_ds.distributed import free_port
 from test_distributed import prepare_training_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,12 +210,6 @@ with open(os.path.join(STATE, "tasks", name + ".json"), "w") as fh:
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _write_executable(path: Path, source: str) -> Path:
     path.write_text(f"#!{sys.executable}\n{source}")
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
@@ -233,7 +227,7 @@ def slurm(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in LAUNCHER_VARS and not k.startswith(("SLURM_", "SRUN_"))}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", FAKE_SLURM_DIR=str(state), SLURM_JOB_ID=JOB_ID,
-               SLURM_SUBMIT_DIR=str(REPO), PYTHON=sys.executable, MASTER_PORT=str(_free_port()))
+               SLURM_SUBMIT_DIR=str(REPO), PYTHON=sys.executable, MASTER_PORT=str(free_port()))
     yield env, state
     for step in (state / "steps").glob("*"):  # a failed test must not leave ranks running
         for pgid in json.loads(step.read_text()):

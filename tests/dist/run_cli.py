@@ -22,7 +22,7 @@ import train  # noqa: E402  launch/train.py
 
 from rlhf_ds import checkpoint  # noqa: E402
 from rlhf_ds.config import PPOConfig  # noqa: E402
-from rlhf_ds.distributed import get_rank  # noqa: E402
+from rlhf_ds.distributed import exit_process, get_rank  # noqa: E402
 from rlhf_ds.hybrid import HybridEngine  # noqa: E402
 
 
@@ -62,4 +62,4 @@ if __name__ == "__main__":
     fault, argv = sys.argv[1], sys.argv[2:]
     inject_fault(fault)
     record_samples(PPOConfig.from_args(argv).output_dir)
-    sys.exit(train.main(argv))
+    exit_process(train.main(argv))

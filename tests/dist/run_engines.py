@@ -19,9 +19,9 @@ import torch
 
 import fixtures
 from rlhf_ds.config import PPOConfig
-from rlhf_ds.distributed import get_rank
+from rlhf_ds.distributed import exit_process, get_rank
 from rlhf_ds.engines import build_engines
-from rlhf_ds import hybrid as hybrid_module
+from rlhf_ds.zero3 import gather_bytes
 from rlhf_ds import memory
 from rlhf_ds.hybrid import HybridEngine
 from rlhf_ds.models import position_ids_from_mask
@@ -100,7 +100,7 @@ def main() -> None:
     result["response_mask"] = response_mask.tolist()
     result["train_mode_restored"] = engines.actor.module.training
     result["generation"] = hybrid.last_generation
-    result["gather_bytes"] = hybrid_module.gather_bytes(engines.actor.module)
+    result["gather_bytes"] = gather_bytes(engines.actor.module)
     if hybrid.zero3:
         partitioned = HybridEngine(engines.actor, engines.policy_tokenizer, Sampling(max_new_tokens=MAX_NEW_TOKENS),
                                    zero3_generation="partitioned")
@@ -144,3 +144,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from rlhf_ds.distributed import (all_reduce_max, all_reduce_mean, any_rank, get_rank, get_world_size,
+from rlhf_ds.distributed import (all_reduce_max, all_reduce_mean, any_rank, exit_process, get_rank, get_world_size,
                                  global_masked_mean, global_masked_whiten, init_distributed, is_main_process)
 
 # valid tokens per row: rank 0 holds 9, rank 1 holds 16
@@ -52,3 +52,4 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_process(0)

@@ -25,10 +25,10 @@ from safetensors.torch import save_file
 import fixtures
 from rlhf_ds import ppo
 from rlhf_ds.config import PPOConfig
-from rlhf_ds.distributed import get_rank, get_world_size, init_distributed
+from rlhf_ds.distributed import exit_process, get_rank, get_world_size, init_distributed
 from rlhf_ds.engines import build_engines
 from rlhf_ds.experience import Experience, response_logits
-from rlhf_ds.hybrid import gathered
+from rlhf_ds.zero3 import gathered
 from rlhf_ds.trainer import PPOTrainer
 from run_engines import gathered_state
 
@@ -167,3 +167,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

@@ -1,16 +1,41 @@
-"""File manifests: the size and sha256 of every file under a directory, written once the directory is complete
-and checked before it is trusted (training checkpoints, the embedded default's cache).
+"""Files that are either complete or absent, and checked before they are trusted.
 
-A size catches a truncated or missing file at once; the sha256 catches what a size cannot: one flipped byte in
-a weight shard (``torch.load`` does not verify its zip checksums) or a hand-edited JSON file of the same length.
+Atomic writes: a file or a directory is written under a temporary name and renamed into place, so a reader (or
+a crash) sees the old one or the whole new one (checkpoints, metrics.jsonl, run_info.json, exports).
+
+Manifests: the size and sha256 of every file under a directory, written once the directory is complete (training
+checkpoints, the embedded default's cache). A size catches a truncated or missing file at once; the sha256
+catches what a size cannot: one flipped byte in a weight shard (``torch.load`` does not verify its zip checksums)
+or a hand-edited JSON file of the same length.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from typing import Optional
 
 _CHUNK = 1 << 20
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` (fsynced) through a temporary name in the same directory, then rename."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Move the complete directory ``tmp`` to ``final``, keeping an old ``final`` until the new one is in place."""
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: str) -> str:

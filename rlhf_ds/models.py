@@ -96,7 +96,7 @@ def check_model_source(path: str, field: str, trust_remote_code: bool = False):
     return config
 
 
-def _refuse_missing_weights(model, info: dict, path: str, field: str) -> None:
+def _refuse_missing_weights(info: dict, path: str, field: str) -> None:
     """A model whose checkpoint lacked some of its weights got them randomly initialised: refuse it."""
     missing = list(info.get("missing_keys", []))
     if missing:
@@ -153,7 +153,7 @@ def load_policy(path: str, dtype: torch.dtype, trust_remote_code: bool = False) 
     back on)."""
     model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                        use_safetensors=True, output_loading_info=True)
-    _refuse_missing_weights(model, info, path, "policy_model")
+    _refuse_missing_weights(info, path, "policy_model")
     model.config.use_cache = False
     return disable_dropout(model)
 
@@ -186,7 +186,7 @@ def load_critic(path: str, dtype: torch.dtype, trust_remote_code: bool = False) 
     ``path/value_head.safetensors`` when ``path`` is a critic saved by ``save_critic``, else zeros."""
     backbone, info = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                use_safetensors=True, output_loading_info=True)
-    _refuse_missing_weights(backbone, info, path, "critic_model")
+    _refuse_missing_weights(info, path, "critic_model")
     backbone.config.use_cache = False
     critic = CriticModel(disable_dropout(backbone))
     head_file = os.path.join(path, VALUE_HEAD_FILE)
@@ -221,7 +221,7 @@ def load_reward_model(path: str, dtype: torch.dtype,
     model, info = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype,
                                                                      trust_remote_code=trust_remote_code,
                                                                      use_safetensors=True, output_loading_info=True)
-    _refuse_missing_weights(model, info, path, "reward_model")
+    _refuse_missing_weights(info, path, "reward_model")
     tokenizer = load_saved_tokenizer(path, trust_remote_code)
     _ensure_pad_token(tokenizer, path)
     tokenizer.padding_side = "right"

@@ -331,13 +331,12 @@ class PromptCollator:
     def __init__(self, tokenizer, max_prompt_len: int):
         if max_prompt_len < 1:
             raise DataError(f"max_prompt_len={max_prompt_len}: must be >= 1")
-        if tokenizer.pad_token is None:
-            if tokenizer.eos_token is None:
-                raise DataError(
-                    "tokenizer has neither pad_token nor eos_token; set tokenizer.pad_token before building the collator"
-                )
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"
+        # Padding is done here, on the left, whatever the tokenizer's own settings (models.load_tokenizer owns
+        # those): every prompt then ends where generation starts.
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_token_id is None:
+            raise DataError("tokenizer has neither pad_token nor eos_token; set tokenizer.pad_token before building "
+                            "the collator")
         self.tokenizer = tokenizer
         self.max_prompt_len = max_prompt_len
         self.num_seen = 0
@@ -364,7 +363,7 @@ class PromptCollator:
             rows.append(row)
         self.num_seen += len(rows)
         width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)

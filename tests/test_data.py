@@ -221,9 +221,12 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>")
 
 
-def test_collator_sets_pad_and_left_pads(tokenizer):
+def test_collator_left_pads_with_eos_and_leaves_the_tokenizer_alone(tokenizer):
+    """No pad token: the collator pads with EOS (as models.load_tokenizer would set it), on the left, without
+    changing the tokenizer's own settings."""
+    settings = (tokenizer.pad_token, tokenizer.padding_side)
     collate = PromptCollator(tokenizer, max_prompt_len=512)
-    assert tokenizer.pad_token == "<eos>" and tokenizer.padding_side == "left"
+    assert (tokenizer.pad_token, tokenizer.padding_side) == settings and tokenizer.pad_token is None
     short, long = extract_prompt(SINGLE), extract_prompt(MULTI)
     n_short = len(tokenizer(short, add_special_tokens=False)["input_ids"])
     n_long = len(tokenizer(long, add_special_tokens=False)["input_ids"])
@@ -232,7 +235,7 @@ def test_collator_sets_pad_and_left_pads(tokenizer):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert ids.shape == mask.shape == (2, n_long) and ids.dtype == mask.dtype == torch.long
     pad = n_long - n_short
-    assert (ids[0, :pad] == tokenizer.pad_token_id).all()
+    assert (ids[0, :pad] == tokenizer.eos_token_id).all()
     assert mask[0].tolist() == [0] * pad + [1] * n_short
     assert mask[1].tolist() == [1] * n_long
     assert tokenizer.decode(ids[0, pad:].tolist()) == short

@@ -164,7 +164,8 @@ def test_batched_experience_equals_per_sequence_and_ignores_left_padding(embedde
 ])
 def test_train_py_bad_input_is_one_line_and_exit_2(args, needle, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), *args,
-                           "--policy_model", str(tmp_path), "--reward_model", str(tmp_path)],
+                           "--policy_model", str(tmp_path), "--reward_model", str(tmp_path),
+                           "--output_dir", str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -81,8 +81,14 @@ def test_a_non_finite_loss_on_one_rank_skips_that_minibatch_on_every_rank(runs):
         # the rollout was applied, so the controller moved by the step rule (bounds off in this run)
         expected = _step_rule(metrics["kl_coef"], metrics["kl_divergence"], target=0.01)
         assert metrics["next_kl_coef"] == pytest.approx(expected)
-    assert two[0]["skip"]["metrics"] == two[1]["skip"]["metrics"] or all(
-        two[0]["skip"]["metrics"][k] == two[1]["skip"]["metrics"][k] for k in ("skipped_minibatches", "policy_loss"))
+
+
+
+def test_prompts_cut_at_max_prompt_len_are_reported(runs):
+    """The metric against the prompts each rank was given, counted here (fixture prompts of 7 to 9 tokens)."""
+    _, two, _ = runs
+    truncated = (two[0]["skip"]["longer_than_7"] + two[1]["skip"]["longer_than_7"]) / 2
+    assert 0 < truncated and two[0]["skip"]["metrics"]["prompts_truncated"] == pytest.approx(truncated)
 
 
 def test_first_minibatch_of_an_update_has_ratio_one_and_no_clipping(runs):

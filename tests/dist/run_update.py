@@ -10,8 +10,8 @@ update). Scenarios, in this order on the same engines:
    ranks (rank 0: 1-2 tokens, rank 1: 9-12). On one rank the rollout is both ranks' rows together: the global
    token mean makes the two parameter updates equal. Also counts the actor's decoder-layer calls with gradient
    checkpointing on and off.
-2. ``skip`` (2 ranks): a PPO iteration whose second mini-batch has a non-finite policy loss on rank 0 only; and
-   the first mini-batch's ratio and clipfrac at temperature 0.7.
+2. ``skip`` (2 ranks): a PPO iteration whose second mini-batch has a non-finite policy loss on rank 0 only; the
+   first mini-batch's ratio and clipfrac at temperature 0.7; prompts cut at max_prompt_len 7.
 3. ``degenerate``: rollout_batch_size 1 and a response that is only EOS (on rank 1; on the only rank when W=1),
    for two iterations.
 """
@@ -104,8 +104,8 @@ def scenario_update(engines, trainer, world: int, out: str) -> dict:
 
 
 def scenario_skip(engines, sgd_json: str) -> dict:
-    trainer = PPOTrainer(config(sgd_json, rollout_batch_size=3, mini_batch_size=1, actor_lr=1e-3, critic_lr=1e-3),
-                         engines, PROMPTS)
+    trainer = PPOTrainer(config(sgd_json, rollout_batch_size=3, mini_batch_size=1, actor_lr=1e-3, critic_lr=1e-3,
+                                max_prompt_len=7), engines, PROMPTS)
     policy_loss, calls, first = ppo.policy_loss, [0], {}
 
     def injected(logprobs, old_logprobs, *args, **kwargs):
@@ -121,10 +121,13 @@ def scenario_skip(engines, sgd_json: str) -> dict:
 
     ppo.policy_loss = injected
     steps_before = engines.actor.global_steps, engines.critic.global_steps
-    metrics = trainer.step(next(iter(trainer.loader)))
+    prompts = next(iter(trainer.loader))
+    lengths = [len(engines.policy_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    metrics = trainer.step(prompts)
     ppo.policy_loss = policy_loss
     finite = all(torch.isfinite(p).all().item() for p in engines.actor.module.parameters())
     return {"metrics": metrics, "first_minibatch": first, "weights_finite": finite,
+            "longer_than_7": sum(n > 7 for n in lengths) / len(lengths),
             "steps": [engines.actor.global_steps - steps_before[0], engines.critic.global_steps - steps_before[1]]}
 
 

@@ -83,7 +83,6 @@ def test_a_non_finite_loss_on_one_rank_skips_that_minibatch_on_every_rank(runs):
         assert metrics["next_kl_coef"] == pytest.approx(expected)
 
 
-
 def test_prompts_cut_at_max_prompt_len_are_reported(runs):
     """The metric against the prompts each rank was given, counted here (fixture prompts of 7 to 9 tokens)."""
     _, two, _ = runs

@@ -77,7 +77,7 @@ class PPOTrainer:
         tokenizer = engines.policy_tokenizer
         self.collate = PromptCollator(tokenizer, config.max_prompt_len)
         self.loader = PromptLoader(prompts, config.rollout_batch_size, config.seed, self.rank, self.world_size)
-        sampling = config.sampling()
+        self.sampling = sampling = config.sampling()
         self.generator = HybridEngine(engines.actor, tokenizer, sampling, config.zero3_generation)
         reward_max_len, warning = resolve_reward_max_len(config.reward_max_len, engines.reward.module.config,
                                                          engines.reward_tokenizer)
@@ -176,7 +176,7 @@ class PPOTrainer:
         cfg = self.config
         mask = mb.response_mask
         logits = response_logits(self.engines.actor, mb.sequences, mb.attention_mask, mb.prompt_len,
-                                 cfg.temperature)
+                                 self.sampling.temperature)
         logprobs = ppo.logprobs_from_logits(logits, mb.sequences[:, mb.prompt_len:])
         entropy = ppo.entropy_from_logits(logits)
         del logits

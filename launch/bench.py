@@ -26,12 +26,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
-import gc
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +39,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from rlhf_ds import benchmark  # noqa: E402  (torch only; the heavy imports wait for the workers)
+from rlhf_ds.distributed import free_port  # noqa: E402
+from rlhf_ds.errors import fail, run_main  # noqa: E402
 
 PHASES = ("generation", "experience", "update")
 TARGETS = {"generation_ratio_hybrid_over_zero2": ("<=", 1.15), "generation_ratio_naive_over_hybrid": (">=", 3.0)}
@@ -87,47 +86,34 @@ def _run_iterations(trainer, batches, count: int) -> list[dict]:
     return history
 
 
-def _record_shapes(trainer, shapes: list) -> None:
-    """Record (B, L, R) of every rollout (for the FLOPs of the update)."""
-    make = trainer.experience_maker.make
-
-    def recording(prompt_mask, sequences, response_mask):
-        shapes.append((sequences.shape[0], sequences.shape[1], response_mask.shape[1]))
-        return make(prompt_mask, sequences, response_mask)
-
-    trainer.experience_maker.make = recording
-
-
 UPDATE_PARTS = ("forward", "backward", "step")
 
 
-def _record_update_parts(trainer, parts: list) -> None:
-    """Append, per update, the seconds actor and critic spent in their engines' forward, backward and step
-    (timed with a device synchronisation around each call, so on a GPU the kernels count where they ran)."""
-    update, device = trainer.update, trainer.device
-    seconds: dict = {}
-    for engine in (trainer.engines.actor, trainer.engines.critic):
-        for part in UPDATE_PARTS:
-            def call(*args, _fn=getattr(engine, part), _part=part, **kwargs):
-                if not seconds:  # outside an update (the experience forwards): untimed
-                    return _fn(*args, **kwargs)
-                benchmark.synchronize(device)
-                start = time.perf_counter()
-                result = _fn(*args, **kwargs)
-                benchmark.synchronize(device)
-                seconds[_part] += time.perf_counter() - start
-                return result
-            setattr(engine, part, call)
+class _Recorder:
+    """Watches the trainer's iterations (the interface of ``rlhf_ds.trainer.StepObserver``): records, per
+    iteration, the rollout's (B, L, R) (for the FLOPs of the update) and the seconds the update spent in each of
+    ``UPDATE_PARTS``, timed with a device synchronisation around each part so that on a GPU the kernels count
+    where they ran."""
 
-    def recording(exp):
-        seconds.update(dict.fromkeys(UPDATE_PARTS, 0.0))
-        try:
-            return update(exp)
-        finally:
-            parts.append(dict(seconds))
-            seconds.clear()
+    def __init__(self, device):
+        self.device = device
+        self.shapes: list[tuple[int, int, int]] = []
+        self.parts: list[dict[str, float]] = []
 
-    trainer.update = recording
+    def clear(self) -> None:
+        del self.shapes[:], self.parts[:]
+
+    def experience(self, exp) -> None:
+        self.shapes.append((exp.sequences.shape[0], exp.sequences.shape[1], exp.response_mask.shape[1]))
+        self.parts.append(dict.fromkeys(UPDATE_PARTS, 0.0))
+
+    @contextlib.contextmanager
+    def update_part(self, part: str):
+        benchmark.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        benchmark.synchronize(self.device)
+        self.parts[-1][part] += time.perf_counter() - start
 
 
 def _median(history: list[dict], key: str) -> float:
@@ -140,17 +126,15 @@ def _main_section(config, engines, prompts, args, figures: dict) -> object:
 
     device = engines.actor.device
     figures["loadavg_main"] = benchmark.loadavg()
-    trainer = PPOTrainer(config, engines, prompts)
-    shapes: list = []
-    _record_shapes(trainer, shapes)
-    update_parts: list = []
-    _record_update_parts(trainer, update_parts)
+    recorder = _Recorder(device)
+    trainer = PPOTrainer(config, engines, prompts, observer=recorder)
     batches = iter(trainer.loader)
     _run_iterations(trainer, batches, _warmup(args))
-    del shapes[:], update_parts[:]
+    recorder.clear()
     history = _run_iterations(trainer, batches, args.iterations)
+    shapes = recorder.shapes
     for part in UPDATE_PARTS:
-        figures[f"update_{part}_s"] = statistics.median(p[part] for p in update_parts)
+        figures[f"update_{part}_s"] = statistics.median(p[part] for p in recorder.parts)
     world = get_world_size()
     for phase in PHASES:
         figures[f"{phase}_s"] = _median(history, f"time_{phase}_s")
@@ -251,35 +235,27 @@ def _ranks_section(config, engines, prompts, args, figures: dict) -> None:
 
 
 def _generation_section(config, policy_path: str, prompts, args, figures: dict) -> None:
-    """Same prompts, same fixed length: ZeRO-2 vs ZeRO-3 hybrid vs ZeRO-3 naive actor engines, fresh from disk."""
-    import deepspeed
+    """Same prompts, same fixed length: ZeRO-2 vs ZeRO-3 hybrid vs ZeRO-3 naive actor engines, fresh from disk.
+
+    Runs last in its worker: loading a ZeRO-3 model replaces ``torch.nn.functional.linear`` for the whole process
+    (DeepSpeed's memory-efficient linear), which a later section of another stage would then run with.
+    """
     import torch
     import torch.distributed as dist
-    from transformers.integrations import HfDeepSpeedConfig
 
     from rlhf_ds.data import PromptCollator, PromptLoader
     from rlhf_ds.distributed import barrier, get_rank, get_world_size
-    from rlhf_ds.engines import build_ds_config, resolve_precision
+    from rlhf_ds.engines import build_engine
     from rlhf_ds.hybrid import HybridEngine
-    from rlhf_ds.zero3 import torch_linear
-    from rlhf_ds.models import load_policy, load_tokenizer
+    from rlhf_ds.models import load_tokenizer
 
     world = get_world_size()
     figures["loadavg_generation"] = benchmark.loadavg()
-    # Loading the ZeRO-3 actor replaces torch.nn.functional.linear for the whole process (DeepSpeed's
-    # memory_efficient_linear); put it back afterwards so that the sections after this one run as they would
-    # in a process of their own ZeRO stage.
-    linear = torch.nn.functional.linear
     tokenizer = load_tokenizer(policy_path, config.trust_remote_code)
-    engines, keep_alive = {}, []
-    for stage in (2, 3):
-        stage_config = dataclasses.replace(config, zero_stage=stage, offload_params=False,
-                                           offload_optimizer=False)
-        ds = build_ds_config(stage_config, "actor", world)
-        if stage == 3:  # from_pretrained loads partitioned while this object lives
-            keep_alive.append(HfDeepSpeedConfig(copy.deepcopy(ds)))
-        model = load_policy(policy_path, resolve_precision(stage_config), config.trust_remote_code)
-        engines[stage], *_ = deepspeed.initialize(model=model, config=ds)
+    hf_ds_configs: list = []  # alive as long as the engines
+    engines = {stage: build_engine(dataclasses.replace(config, zero_stage=stage, offload_params=False,
+                                                       offload_optimizer=False), "actor", policy_path, hf_ds_configs)
+               for stage in (2, 3)}
     # One generator per mode; the two ZeRO-3 ones share the engine.
     generators = {mode: HybridEngine(engines[stage], tokenizer, config.sampling(), zero3_generation)
                   for mode, stage, zero3_generation in (("zero2", 2, "auto"), ("hybrid_zero3", 3, "gathered"),
@@ -293,12 +269,9 @@ def _generation_section(config, policy_path: str, prompts, args, figures: dict) 
     outputs = {}
 
     def run(name):
-        # ZeRO-2 runs with torch's own linear, as in a process that never loaded a ZeRO-3 model (loading one
-        # replaces torch.nn.functional.linear process-wide; see rlhf_ds/hybrid.py).
         def call():
-            with torch_linear() if name == "zero2" else contextlib.nullcontext():
-                outputs[name] = generators[name].generate(batch["input_ids"], batch["attention_mask"],
-                                                          generator_seed=seed)
+            outputs[name] = generators[name].generate(batch["input_ids"], batch["attention_mask"],
+                                                      generator_seed=seed)
         return call
 
     modes = {name: run(name) for name in generators}
@@ -314,20 +287,11 @@ def _generation_section(config, policy_path: str, prompts, args, figures: dict) 
         zero2, hybrid, naive = (figures[f"generation_{mode}_{kind}s"] for mode in modes)
         figures[f"generation_{kind}ratio_hybrid_over_zero2"] = hybrid / zero2
         figures[f"generation_{kind}ratio_naive_over_hybrid"] = naive / hybrid
-    masks = [outputs[m][1] for m in modes]
-    figures["generation_fixed_length"] = int(all(bool(m.all()) for m in masks))
+    figures["generation_fixed_length"] = int(all(bool(outputs[m][1].all()) for m in modes))
     figures["generation_same_tokens"] = int(all(torch.equal(outputs[m][0], outputs["zero2"][0]) for m in modes))
     figures["generation_ranks"] = world
     figures["generation_prompt_len"] = batch["input_ids"].shape[1]
     _roofline(engines[2].module, batch["input_ids"].shape, config.max_new_tokens, device, figures)
-    for engine in engines.values():
-        if hasattr(engine, "destroy"):
-            engine.destroy()
-    engines.clear()
-    generators.clear()
-    keep_alive.clear()
-    gc.collect()
-    torch.nn.functional.linear = linear
 
 
 def _roofline(model, prompt_shape, new_tokens: int, device, figures: dict) -> None:
@@ -366,8 +330,6 @@ def worker(args, overrides: list[str]) -> int:
         policy = critic = args.policy_dir
     prompts, _ = load_prompts(config.dataset, config.train_split, config.max_prompts)
     figures: dict = {}
-    if "generation" in sections:  # first: its ZeRO-3 loading state must not meet the trainer's engines
-        _generation_section(config, policy, prompts, args, figures)
     if {"main", "experience", "scaling", "ranks"} & set(sections):
         engines = build_engines(config, policy, critic, reward)
         trainer = None
@@ -379,6 +341,8 @@ def worker(args, overrides: list[str]) -> int:
             _scaling_section(config, engines, prompts, args, figures)
         if "ranks" in sections:
             _ranks_section(config, engines, prompts, args, figures)
+    if "generation" in sections:  # last: see its docstring
+        _generation_section(config, policy, prompts, args, figures)
     figures[f"threads_ranks{get_world_size()}"] = torch.get_num_threads()  # torch threads of each rank
     if is_main_process():
         with open(os.path.join(args.out, f"figures_{'_'.join(sections)}.json"), "w") as fh:
@@ -387,12 +351,6 @@ def worker(args, overrides: list[str]) -> int:
 
 
 # --- the parent: starts the workers, merges, prints ----------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _prebuild_deepspeed_ops() -> None:
     """Build DeepSpeed's CPU shared-memory comm op once here, not concurrently in N ranks (that run aborts)."""
@@ -414,7 +372,7 @@ def _start_worker(args, overrides: list[str], sections: list[str], ranks: int, o
         cmd = [sys.executable, script, *worker_args]
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--no_local_rank",
-               "--master_port", str(_free_port()), script, *worker_args]
+               "--master_port", str(free_port()), script, *worker_args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
     print(f"[bench] {', '.join(sections)} on {ranks} rank(s) (loadavg {benchmark.loadavg():.2f}) ...",
           file=sys.stderr, flush=True)
@@ -493,71 +451,92 @@ def run(args, overrides: list[str]) -> dict:
     return figures
 
 
-def format_figures(f: dict) -> str:
-    """The human-readable table of a benchmark run."""
-    threads = ", ".join(f"{k[len('threads_ranks'):]} rank(s): {v}" for k, v in sorted(f.items())
-                        if k.startswith("threads_ranks"))
-    lines = [f"rlhf-ds bench: {f['model']} on {f['device']}, torch {f['torch_version']}, deepspeed "
-             f"{f['deepspeed_version']}; torch threads per rank with {threads}", ""]
-    lines.append(f"main: 1 rank, ZeRO-{f['zero_stage']}, {f['rollout_batch_size']} prompts x {f['max_new_tokens']} "
-                 f"new tokens (natural length, mean {f['response_length']:.1f}), prompt {f['prompt_len']:.0f} "
-                 f"tokens, median of {f['iterations']} iterations  [loadavg {f['loadavg_main']:.2f}]")
-    lines.append(f"  {'phase':<12} {'seconds':>8} {'share':>6} {'resp tok/s':>11}")
+def _main_lines(f: dict) -> list[str]:
+    lines = [f"main: 1 rank, ZeRO-{f['zero_stage']}, {f['rollout_batch_size']} prompts x {f['max_new_tokens']} new "
+             f"tokens (natural length, mean {f['response_length']:.1f}), prompt {f['prompt_len']:.0f} tokens, median "
+             f"of {f['iterations']} iterations  [loadavg {f['loadavg_main']:.2f}]",
+             f"  {'phase':<12} {'seconds':>8} {'share':>6} {'resp tok/s':>11}"]
     for phase in PHASES + ("iteration",):
         share = f"{f[f'{phase}_s'] / f['iteration_s']:6.1%}" if phase != "iteration" else ""
         lines.append(f"  {phase:<12} {f[f'{phase}_s']:8.3f} {share:>6} {f[f'{phase}_tokens_per_s']:11.1f}")
-    if "update_step_s" in f:
-        lines.append("  update, actor + critic engines: " + ", ".join(
-            f"{part} {f[f'update_{part}_s']:.3f} s" for part in UPDATE_PARTS) + " (optimizer step: ZeRO and AdamW)")
+    parts = ", ".join(f"{part} {f[f'update_{part}_s']:.3f} s" for part in UPDATE_PARTS)
+    lines.append(f"  update, actor + critic: {parts} (forward: the losses; step: the optimizer step, ZeRO and AdamW)")
     kind = "RSS" if f["device"].startswith("cpu") else "torch.cuda.max_memory_allocated"
     lines.append(f"  peak memory per phase ({kind}): " + ", ".join(
         f"{phase} {f[f'peak_memory_{phase}_mb']:.0f} MiB" for phase in PHASES))
     lines.append(f"  update: {f['update_gflop']:.2f} GFLOP per iteration (6 x params x tokens + attention, actor "
                  f"and critic forward+backward), matmul peak {f['matmul_peak_gflops']:.1f} GFLOP/s "
                  f"(n={f['matmul_peak_n']}), MFU {f['update_mfu']:.1%} (GPU target >= 30%, Qwen2-0.5B)")
-    if "experience_batched_s" in f:
-        lines += ["", f"experience, {f['rollout_batch_size']} sequences  [loadavg {f['loadavg_experience']:.2f}]",
-                  f"  batched (micro-batches of {f['mini_batch_size']}) {f['experience_batched_s']:.3f} s, one "
-                  f"sequence at a time {f['experience_per_sequence_s']:.3f} s: "
-                  f"{f['experience_ratio_per_sequence_over_batched']:.1f}x (CPU s: {f['experience_batched_cpu_s']:.3f} "
-                  f"vs {f['experience_per_sequence_cpu_s']:.3f})"]
-    if "generation_zero2_s" in f:
-        lines += ["", f"generation, {f['generation_ranks']} rank(s), {f['rollout_batch_size']} prompts x "
-                  f"{f['max_new_tokens']} tokens per rank (fixed length: {bool(f['generation_fixed_length'])}, same "
-                  f"tokens in all three: {bool(f['generation_same_tokens'])})  [loadavg {f['loadavg_generation']:.2f}]"]
-        lines.append(f"  {'':<14} {'wall s':>8} {'CPU s':>8}   (CPU: this rank's process time, robust to other load)")
-        for mode in ("zero2", "hybrid_zero3", "naive_zero3"):
-            lines.append(f"  {mode:<14} {f[f'generation_{mode}_s']:8.3f} {f[f'generation_{mode}_cpu_s']:8.3f}")
-        lines.append(f"  roofline: {f['generation_decode_gbytes']:.3f} GB read (parameters + KV cache, every "
-                     f"step) at {f['memory_bandwidth_gbps']:.1f} GB/s copy bandwidth per rank: zero2 "
-                     f"{f['generation_zero2_roofline_frac']:.1%}, hybrid_zero3 "
-                     f"{f['generation_hybrid_zero3_roofline_frac']:.1%} of it (GPU target >= 50%, Qwen2-0.5B)")
-        for key, (op, target) in TARGETS.items():
-            value, cpu = f[key], f[key.replace("generation_", "generation_cpu_")]
-            met = value <= target if op == "<=" else value >= target
-            name = key[len("generation_ratio_"):].replace("_over_", "/")
-            lines.append(f"  {name:<14} {value:8.2f} {cpu:8.2f}   target {op} {target} (wall): "
-                         f"{'met' if met else 'MISSED'}")
-    scaling = sorted(k for k in f if k.startswith("scaling_") and k.endswith("_iteration_s"))
-    if scaling:
-        lines += ["", f"scaling, 1 rank, fixed-length responses  [loadavg {f['loadavg_scaling']:.2f}]",
-                  f"  {'prompts':>7} {'tokens':>6} {'iteration s':>12} {'resp tok/s':>11}"]
-        for key in scaling:
-            b, r = key.split("_")[1:3]
-            rate = f[key.replace("iteration_s", "tokens_per_s")]
-            lines.append(f"  {b[1:]:>7} {r[1:]:>6} {f[key]:12.3f} {rate:11.1f}")
-    many = sorted(k for k in f if k.startswith("ranks") and k.endswith("_iteration_s"))
-    if many:
-        b, r = f["rollout_batch_size"], f["max_new_tokens"]
-        lines += ["", f"ranks, {b} prompts x {r} tokens per rank, fixed length"]
-        if f"scaling_b{b}_r{r}_iteration_s" in f:
-            lines.append(f"  1 rank   {f[f'scaling_b{b}_r{r}_iteration_s']:8.3f} s/iteration  "
-                         f"{f[f'scaling_b{b}_r{r}_tokens_per_s']:9.1f} resp tok/s [loadavg {f['loadavg_scaling']:.2f}]")
-        for key in many:
-            n = key[len("ranks"):-len("_iteration_s")]
-            lines.append(f"  {n} ranks  {f[key]:8.3f} s/iteration  {f[f'ranks{n}_tokens_per_s']:9.1f} resp tok/s "
-                         f"[loadavg {f[f'loadavg_ranks{n}']:.2f}]")
-    return "\n".join(lines)
+    return lines
+
+
+def _experience_lines(f: dict) -> list[str]:
+    return [f"experience, {f['rollout_batch_size']} sequences  [loadavg {f['loadavg_experience']:.2f}]",
+            f"  batched (micro-batches of {f['mini_batch_size']}) {f['experience_batched_s']:.3f} s, one sequence at "
+            f"a time {f['experience_per_sequence_s']:.3f} s: {f['experience_ratio_per_sequence_over_batched']:.1f}x "
+            f"(CPU s: {f['experience_batched_cpu_s']:.3f} vs {f['experience_per_sequence_cpu_s']:.3f})"]
+
+
+def _generation_lines(f: dict) -> list[str]:
+    lines = [f"generation, {f['generation_ranks']} rank(s), {f['rollout_batch_size']} prompts x {f['max_new_tokens']} "
+             f"tokens per rank (fixed length: {bool(f['generation_fixed_length'])}, same tokens in all three: "
+             f"{bool(f['generation_same_tokens'])})  [loadavg {f['loadavg_generation']:.2f}]",
+             f"  {'':<14} {'wall s':>8} {'CPU s':>8}   (CPU: this rank's process time, robust to other load)"]
+    for mode in ("zero2", "hybrid_zero3", "naive_zero3"):
+        lines.append(f"  {mode:<14} {f[f'generation_{mode}_s']:8.3f} {f[f'generation_{mode}_cpu_s']:8.3f}")
+    lines.append(f"  roofline: {f['generation_decode_gbytes']:.3f} GB read (parameters + KV cache, every step) at "
+                 f"{f['memory_bandwidth_gbps']:.1f} GB/s copy bandwidth per rank: zero2 "
+                 f"{f['generation_zero2_roofline_frac']:.1%}, hybrid_zero3 "
+                 f"{f['generation_hybrid_zero3_roofline_frac']:.1%} of it (GPU target >= 50%, Qwen2-0.5B)")
+    for key, (op, target) in TARGETS.items():
+        value, cpu = f[key], f[key.replace("generation_", "generation_cpu_")]
+        met = value <= target if op == "<=" else value >= target
+        name = key[len("generation_ratio_"):].replace("_over_", "/")
+        verdict = "met" if met else "MISSED"
+        lines.append(f"  {name:<14} {value:8.2f} {cpu:8.2f}   target {op} {target} (wall): {verdict}")
+    return lines
+
+
+def _scaling_lines(f: dict) -> list[str]:
+    lines = [f"scaling, 1 rank, fixed-length responses  [loadavg {f['loadavg_scaling']:.2f}]",
+             f"  {'prompts':>7} {'tokens':>6} {'iteration s':>12} {'resp tok/s':>11}"]
+    for key in sorted(k for k in f if k.startswith("scaling_") and k.endswith("_iteration_s")):
+        b, r = key.split("_")[1:3]
+        lines.append(f"  {b[1:]:>7} {r[1:]:>6} {f[key]:12.3f} {f[key.replace('iteration_s', 'tokens_per_s')]:11.1f}")
+    return lines
+
+
+def _ranks_lines(f: dict) -> list[str]:
+    b, r = f["rollout_batch_size"], f["max_new_tokens"]
+    lines = [f"ranks, {b} prompts x {r} tokens per rank, fixed length"]
+    if f"scaling_b{b}_r{r}_iteration_s" in f:
+        lines.append(f"  1 rank   {f[f'scaling_b{b}_r{r}_iteration_s']:8.3f} s/iteration  "
+                     f"{f[f'scaling_b{b}_r{r}_tokens_per_s']:9.1f} resp tok/s [loadavg {f['loadavg_scaling']:.2f}]")
+    for key in sorted(k for k in f if k.startswith("ranks") and k.endswith("_iteration_s")):
+        n = key[len("ranks"):-len("_iteration_s")]
+        lines.append(f"  {n} ranks  {f[key]:8.3f} s/iteration  {f[f'ranks{n}_tokens_per_s']:9.1f} resp tok/s "
+                     f"[loadavg {f[f'loadavg_ranks{n}']:.2f}]")
+    return lines
+
+
+# Each section's lines, shown when a figure of that section is present.
+_SECTION_LINES = ((lambda key: key == "iteration_s", _main_lines),
+                  (lambda key: key == "experience_batched_s", _experience_lines),
+                  (lambda key: key == "generation_zero2_s", _generation_lines),
+                  (lambda key: key.startswith("scaling_") and key.endswith("_iteration_s"), _scaling_lines),
+                  (lambda key: key.startswith("ranks") and key.endswith("_iteration_s"), _ranks_lines))
+
+
+def format_figures(f: dict) -> str:
+    """The human-readable table of a benchmark run: a header, then one block per section that ran."""
+    threads = ", ".join(f"{k[len('threads_ranks'):]} rank(s): {v}" for k, v in sorted(f.items())
+                        if k.startswith("threads_ranks"))
+    blocks = [[f"rlhf-ds bench: {f['model']} on {f['device']}, torch {f['torch_version']}, deepspeed "
+               f"{f['deepspeed_version']}; torch threads per rank with {threads}"]]
+    for present, lines in _SECTION_LINES:
+        if any(present(key) for key in f):
+            blocks.append(lines(f))
+    return "\n\n".join("\n".join(block) for block in blocks)
 
 
 def main(argv: list[str]) -> int:
@@ -597,28 +576,23 @@ def main(argv: list[str]) -> int:
     if args.worker:
         return worker(args, overrides)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        print("error: run `python launch/bench.py` in one process: it starts its own ranks (--ranks N)",
-              file=sys.stderr)
-        return 2
+        return fail("run `python launch/bench.py` in one process: it starts its own ranks (--ranks N)", 2)
 
     import torch
 
     if args.model == "qwen2-0.5b" and not torch.cuda.is_available():
-        print("error: --model qwen2-0.5b is for a GPU: on a CPU the four 0.5B models with Adam state exhaust the "
-              "memory of a 24 GiB machine; use the embedded default", file=sys.stderr)
-        return 2
-    from rlhf_ds.config import ConfigError
+        return fail("--model qwen2-0.5b is for a GPU: on a CPU the four 0.5B models with Adam state exhaust the "
+                    "memory of a 24 GiB machine; use the embedded default", 2)
 
-    try:
+    def bench() -> int:
         figures = run(args, overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(format_figures(figures))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(figures, fh, indent=1)
-    return 0
+        print(format_figures(figures))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(figures, fh, indent=1)
+        return 0
+
+    return run_main(bench)
 
 
 if __name__ == "__main__":

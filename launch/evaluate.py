@@ -20,8 +20,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rlhf_ds.config import ConfigError, PPOConfig  # noqa: E402
-from rlhf_ds.data import DataError  # noqa: E402
+from rlhf_ds.config import PPOConfig  # noqa: E402
+from rlhf_ds.errors import run_main  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, PPOConfig]:
@@ -42,55 +42,53 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, PPOConfig]:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        args, config = parse_args(argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_main(lambda: evaluate(*parse_args(argv)))
 
+
+def _device(name: str):
+    """The torch device of ``--device``; a name torch does not know, or CUDA without one, is an EvaluationError."""
     import torch
 
-    from rlhf_ds.embedded import EmbeddedCacheError, resolve_model_paths
-    from rlhf_ds.evaluation import EvaluationError, check_model_path, evaluate_policy, format_summary, write_outputs
+    from rlhf_ds.evaluation import EvaluationError
+
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError:
+        raise EvaluationError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError(f"--device {name!r}: this torch has no usable CUDA device; use --device cpu (or auto)")
+    return device
+
+
+def evaluate(args: argparse.Namespace, config: PPOConfig) -> int:
+    from rlhf_ds.embedded import resolve_model_paths
+    from rlhf_ds.evaluation import check_model_path, evaluate_policy, format_summary, write_outputs
 
     out_dir = os.path.join(config.output_dir, "eval")
     samples_path = args.samples or os.path.join(out_dir, "samples.jsonl")
     json_path = args.json or os.path.join(out_dir, "summary.json")
-    try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
-                              else args.device)
-    except RuntimeError:
-        print(f"error: --device {args.device!r} is not a device: use auto, cpu, cuda or cuda:N", file=sys.stderr)
-        return 2
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"error: --device {args.device!r}: this torch has no usable CUDA device; use --device cpu (or auto)",
-              file=sys.stderr)
-        return 2
-    try:
-        for path, what in ((args.policy, "--policy"), (args.reference, "--reference"), (args.reward, "--reward")):
-            if path is not None:  # a mistyped path fails here, before the embedded models are built
-                check_model_path(path, what)
-        defaults = (resolve_model_paths(config) if None in (args.policy, args.reference, args.reward)
-                    else (None, None, None))
-        policy = args.policy or defaults[0]
-        reference = args.reference or defaults[0]
-        reward = args.reward or defaults[2]
-        print(f"policy {policy}\nreference {reference}\nreward {reward}\ndevice {device}", flush=True)
-        if os.path.abspath(os.path.expanduser(policy)) == os.path.abspath(os.path.expanduser(reference)):
-            print("note: policy and reference are the same model (pass --policy runs/ppo/policy to evaluate "
-                  "a trained one)", flush=True)
-        records, summary = evaluate_policy(config, policy, reference, reward, args.num_prompts, args.batch_size,
-                                           args.seed, device, log=lambda line: print(line, flush=True))
-        summary["settings"] = {
-            "policy": policy, "reference": reference, "reward": reward, "dataset": config.dataset,
-            "eval_split": config.eval_split, "seed": args.seed, "batch_size": args.batch_size,
-            **{k: getattr(config, k) for k in ("max_prompt_len", "max_new_tokens", "temperature", "stop_strings",
-                                                "reward_max_len")},
-        }
-        write_outputs(records, summary, samples_path, json_path)
-    except (ConfigError, DataError, EvaluationError, EmbeddedCacheError, OSError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    device = _device(args.device)
+    for path, what in ((args.policy, "--policy"), (args.reference, "--reference"), (args.reward, "--reward")):
+        if path is not None:  # a mistyped path fails here, before the embedded models are built
+            check_model_path(path, what)
+    defaults = (resolve_model_paths(config) if None in (args.policy, args.reference, args.reward)
+                else (None, None, None))
+    policy = args.policy or defaults[0]
+    reference = args.reference or defaults[0]
+    reward = args.reward or defaults[2]
+    print(f"policy {policy}\nreference {reference}\nreward {reward}\ndevice {device}", flush=True)
+    if os.path.abspath(os.path.expanduser(policy)) == os.path.abspath(os.path.expanduser(reference)):
+        print("note: policy and reference are the same model (pass --policy runs/ppo/policy to evaluate "
+              "a trained one)", flush=True)
+    records, summary = evaluate_policy(config, policy, reference, reward, args.num_prompts, args.batch_size,
+                                       args.seed, device, log=lambda line: print(line, flush=True))
+    summary["settings"] = {
+        "policy": policy, "reference": reference, "reward": reward, "dataset": config.dataset,
+        "eval_split": config.eval_split, "seed": args.seed, "batch_size": args.batch_size,
+        **{k: getattr(config, k) for k in ("max_prompt_len", "max_new_tokens", "temperature", "stop_strings",
+                                            "reward_max_len")},
+    }
+    write_outputs(records, summary, samples_path, json_path)
     print(format_summary(summary))
     print(f"wrote {samples_path} and {json_path}")
     return 0

@@ -17,7 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rlhf_ds.checkpoint import CheckpointError, export_checkpoint, find_checkpoint  # noqa: E402
+from rlhf_ds.checkpoint import export_checkpoint, find_checkpoint  # noqa: E402
+from rlhf_ds.errors import run_main  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -28,14 +29,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty OUT (or CRITIC_OUT) that is not an earlier export")
     args = parser.parse_args(argv)
-    try:
+
+    def export() -> int:
         path = find_checkpoint(args.checkpoint, args.checkpoint)
         export_checkpoint(path, args.out, critic_out=args.critic, overwrite=args.overwrite)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"exported {path} -> policy {args.out}" + (f", critic {args.critic}" if args.critic else ""))
-    return 0
+        print(f"exported {path} -> policy {args.out}" + (f", critic {args.critic}" if args.critic else ""))
+        return 0
+
+    return run_main(export)
 
 
 if __name__ == "__main__":

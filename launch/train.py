@@ -15,15 +15,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rlhf_ds.config import ConfigError, ConfigHelp, PPOConfig  # noqa: E402
-from rlhf_ds.data import DataError  # noqa: E402
+from rlhf_ds.config import ConfigHelp, PPOConfig  # noqa: E402
+from rlhf_ds.errors import KnownError, fail  # noqa: E402
 
 
 def prepare(config: PPOConfig):
     """Everything before the first iteration, cheapest checks first: the output directory, trackers, prompts,
     model paths and kinds, the DeepSpeed configs and the checkpoint to resume are checked before any model loads;
     then the engines and the trainer. Returns the trainer. Every known failure is an exception whose message is
-    one line (``main`` prints it); all ranks meet the same failure at the same point."""
+    one line (``main`` prints it, ``errors.fail``); all ranks meet the same failure at the same point."""
     from rlhf_ds.checkpoint import check_resume_config, find_checkpoint, verify_checkpoint
     from rlhf_ds.data import PromptLoader, load_prompts
     from rlhf_ds.distributed import barrier, get_rank, get_world_size, init_distributed, is_main_process
@@ -81,32 +81,22 @@ def main(argv: list[str]) -> int:
     except ConfigHelp as help_text:
         print(help_text)
         return 0
-    except ConfigError as err:
-        return _fail(err, 2)
-
-    from rlhf_ds.checkpoint import CheckpointError
-    from rlhf_ds.distributed import is_main_process
-    from rlhf_ds.models import ModelError
-    from rlhf_ds.trainer import TrainingError
-
+    except KnownError as err:
+        return fail(err, 2)
     try:
         trainer = prepare(config)
-    except (ConfigError, DataError, ModelError, CheckpointError, OSError) as err:
-        return _fail(err, 2)
+    except (KnownError, OSError) as err:
+        return fail(err, 2)
     try:
         trainer.train()
-    except (CheckpointError, TrainingError) as err:
-        return _fail(err, 1)
+    except KnownError as err:
+        return fail(err, 1)
+    from rlhf_ds.distributed import is_main_process
+
     if trainer.stopped_by and is_main_process():
         print(f"{trainer.stopped_by} received: stopped after iteration {trainer.iteration} with a checkpoint in "
               f"{config.output_dir}/checkpoints; to continue, run the same command with --resume auto", flush=True)
     return 0
-
-
-def _fail(err: Exception, code: int) -> int:
-    """The one place a known failure becomes ``error: ...`` on stderr (one line) and an exit code."""
-    print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-    return code
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rlhf_ds.data import DataError, load_records  # noqa: E402
+from rlhf_ds.errors import run_main  # noqa: E402
 from rlhf_ds.supervised import stage_arguments  # noqa: E402
 
 
@@ -37,20 +38,20 @@ def _pairs(source: str, split: str):
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    return run_main(lambda: train(args))
+
+
+def train(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf_ds.models import load_saved_tokenizer
+    from rlhf_ds.models import load_reward_tokenizer
     from rlhf_ds.supervised import Schedule, evaluate_reward_model, train_reward_model
 
-    try:
-        pairs = _pairs(args.data, args.split)
-        held_out = _pairs(args.data, args.eval_split) if args.eval_split else []
-    except (DataError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    pairs = _pairs(args.data, args.split)
+    held_out = _pairs(args.data, args.eval_split) if args.eval_split else []
     torch.manual_seed(args.seed)
-    tokenizer = load_saved_tokenizer(args.model, args.trust_remote_code)
+    tokenizer = load_reward_tokenizer(args.model, args.trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1,
                                                                trust_remote_code=args.trust_remote_code)
     schedule = Schedule(args.steps, args.batch_size, args.lr, args.warmup_steps, seed=args.seed)

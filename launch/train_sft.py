@@ -15,6 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rlhf_ds.data import DataError, load_records  # noqa: E402
+from rlhf_ds.errors import run_main  # noqa: E402
 from rlhf_ds.supervised import stage_arguments  # noqa: E402
 
 
@@ -25,21 +26,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    return run_main(lambda: train(args))
+
+
+def train(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
     from rlhf_ds.models import load_tokenizer
     from rlhf_ds.supervised import Schedule, train_sft
 
-    try:
-        dialogues = [r["chosen"] for r in load_records(args.data, args.split) if isinstance(r.get("chosen"), str)]
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    dialogues = [r["chosen"] for r in load_records(args.data, args.split) if isinstance(r.get("chosen"), str)]
     if not dialogues:
-        print(f"error: {args.data} has no record with a 'chosen' dialogue: SFT needs HH-format dialogues",
-              file=sys.stderr)
-        return 2
+        raise DataError(f"{args.data} has no record with a 'chosen' dialogue: SFT needs HH-format dialogues")
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)

@@ -35,6 +35,7 @@ import torch
 
 from rlhf_ds.config import ConfigError, PPOConfig
 from rlhf_ds.distributed import barrier, get_rank, get_world_size, is_main_process
+from rlhf_ds.errors import KnownError
 from rlhf_ds.files import atomic_write_text, describe_files, first_problem, replace_dir
 
 CHECKPOINTS = "checkpoints"
@@ -51,7 +52,7 @@ RESUMABLE_CHANGES = ("iterations", "output_dir", "save_interval", "keep_checkpoi
                      "max_skipped_batches", "zero3_generation")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(KnownError, RuntimeError):
     """A checkpoint that cannot be used (missing, incomplete, corrupt); one line naming the file."""
 
 

@@ -17,8 +17,12 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Sequence
 
+from rlhf_ds.errors import KnownError
 from rlhf_ds.kl_control import KL_CONTROLLERS
 from rlhf_ds.ppo import KL_ESTIMATORS
+
+if typing.TYPE_CHECKING:
+    from rlhf_ds.sampling import Sampling
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ZERO3_GENERATION = ("auto", "gathered", "partitioned")
@@ -27,7 +31,7 @@ REAL_REWARD = "OpenAssistant/reward-model-deberta-v3-large-v2"
 REAL_DATASET = "Anthropic/hh-rlhf"
 
 
-class ConfigError(ValueError):
+class ConfigError(KnownError, ValueError):
     """A bad configuration value; the message is one line naming the field and the fix."""
 
 

@@ -19,13 +19,15 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
+from rlhf_ds.errors import KnownError
+
 ASSISTANT_MARKER = "\n\nAssistant:"
 HUMAN_MARKER = "\n\nHuman:"
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 
 
-class DataError(ValueError):
+class DataError(KnownError, ValueError):
     """A data problem reported as one line naming the path/field and the fix."""
 
 
@@ -272,7 +274,10 @@ def load_records(source: str, split: str = "train") -> list[dict]:
     if source == "embedded":
         from rlhf_ds.corpus import make_split
 
-        return make_split(split)
+        try:
+            return make_split(split)
+        except ValueError as err:  # an unknown split
+            raise DataError(str(err)) from None
     path = os.path.expanduser(source)
     if os.path.isfile(path):
         if path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):

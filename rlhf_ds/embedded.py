@@ -33,6 +33,7 @@ import torch
 
 from rlhf_ds import corpus
 from rlhf_ds.data import PromptCollator, extract_prompt, question_from_prompt
+from rlhf_ds.errors import KnownError, run_main
 from rlhf_ds.files import file_digests, first_problem
 from rlhf_ds.sampling import Sampler, Sampling
 from rlhf_ds.supervised import (Schedule, evaluate_reward_model, preference_pairs, train_reward_model, train_sft)
@@ -92,7 +93,7 @@ class EmbeddedModels:
         return str(self.root / "reward")
 
 
-class EmbeddedCacheError(RuntimeError):
+class EmbeddedCacheError(KnownError, RuntimeError):
     """The cache location cannot be used; the message names the path and the fix."""
 
 
@@ -151,7 +152,8 @@ def build_reward_tokenizer(texts: list[str], vocab_size: int):
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", padding_side="right")
+                                   sep_token="[SEP]", mask_token="[MASK]", padding_side="right",
+                                   truncation_side="left")
 
 
 # --- models -------------------------------------------------------------------------------------------------
@@ -390,13 +392,13 @@ def main(argv: list[str]) -> int:
     if command != "build":
         print("usage: python -m rlhf_ds.embedded [build [--force] | path]", file=sys.stderr)
         return 2
-    try:
+
+    def build_and_report() -> int:
         models = build(force="--force" in argv)
-    except EmbeddedCacheError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"embedded default at {models.root}\n{format_report(models.quality)}")
-    return 0
+        print(f"embedded default at {models.root}\n{format_report(models.quality)}")
+        return 0
+
+    return run_main(build_and_report)
 
 
 if __name__ == "__main__":

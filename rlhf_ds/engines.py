@@ -29,7 +29,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from rlhf_ds.config import ConfigError, PPOConfig
 from rlhf_ds.distributed import get_world_size, init_distributed
-from rlhf_ds.models import load_critic, load_policy, load_reward_model, load_tokenizer
+from rlhf_ds.models import load_critic, load_policy, load_reward_model, load_reward_tokenizer, load_tokenizer
 
 DS_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
 TRAIN_ROLES = ("actor", "critic")
@@ -180,8 +180,8 @@ def _warmup_factor(step: int, warmup_steps: int) -> float:
 class Engines:
     """The four DeepSpeed engines of one rank and the two tokenizers.
 
-    ``hf_ds_configs`` keeps the ``HfDeepSpeedConfig`` objects alive: transformers only holds a weak
-    reference, and while one lives ``from_pretrained`` loads partitioned (ZeRO-3). Empty below stage 3.
+    ``hf_ds_configs`` keeps the engines' ``HfDeepSpeedConfig`` objects alive: transformers only holds a weak
+    reference to the latest, and while a ZeRO-3 one lives ``from_pretrained`` loads partitioned.
     """
     actor: deepspeed.DeepSpeedEngine
     critic: deepspeed.DeepSpeedEngine
@@ -189,53 +189,47 @@ class Engines:
     reward: deepspeed.DeepSpeedEngine
     policy_tokenizer: PreTrainedTokenizerBase
     reward_tokenizer: PreTrainedTokenizerBase
-    ds_configs: dict[str, dict] = field(default_factory=dict)
     hf_ds_configs: list[HfDeepSpeedConfig] = field(default_factory=list)
 
 
-def build_engines(config: PPOConfig, policy_path: str, critic_path: str, reward_path: str) -> Engines:
-    """Load the models (partitioned under ZeRO-3) and wrap them in DeepSpeed engines.
+def build_engine(config: PPOConfig, role: str, path: str,
+                 hf_ds_configs: list[HfDeepSpeedConfig]) -> deepspeed.DeepSpeedEngine:
+    """One engine: ``role``'s model loaded from ``path`` and wrapped by DeepSpeed with ``build_ds_config``.
 
-    policy_path serves actor and reference; paths are local directories or hub names ("embedded" is
-    resolved by the caller). Joins the process group if the caller has not.
+    Training roles get the warmup schedule and, when configured, gradient checkpointing; inference roles are
+    frozen and in eval mode. Before loading, an ``HfDeepSpeedConfig`` of this engine's own config is made the
+    one transformers reads, so the model loads partitioned exactly when this engine is ZeRO-3, whatever was
+    built before it in the process; it is appended to ``hf_ds_configs``, which must outlive the engine
+    (transformers holds only a weak reference). Joins the process group if the caller has not.
     """
     init_distributed()
-    world_size = get_world_size()
-    dtype = resolve_precision(config)
-    trust = config.trust_remote_code
-    ds_configs = {role: build_ds_config(config, role, world_size) for role in ROLES}
-    hf_ds_configs: list[HfDeepSpeedConfig] = []
-
-    def zero3_loading(role: str) -> None:
-        # Must exist before from_pretrained; the latest one is the one transformers reads.
-        if config.zero_stage == 3:
-            hf_ds_configs.append(HfDeepSpeedConfig(copy.deepcopy(ds_configs[role])))
-
-    gradient_checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    ds_config = build_ds_config(config, role, get_world_size())
+    hf_ds_configs.append(HfDeepSpeedConfig(copy.deepcopy(ds_config)))
+    dtype, trust = resolve_precision(config), config.trust_remote_code
+    if role in INFERENCE_ROLES:
+        model = load_policy(path, dtype, trust) if role == "reference" else load_reward_model(path, dtype, trust)
+        return _inference_engine(model, ds_config)
+    model = load_policy(path, dtype, trust) if role == "actor" else load_critic(path, dtype, trust)
+    if config.gradient_checkpointing:
+        transformer = model.backbone if role == "critic" else model
+        transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     warmup = functools.partial(_linear_warmup, warmup_steps=config.warmup_steps)
+    engine, *_ = deepspeed.initialize(model=model, lr_scheduler=warmup, config=ds_config)
+    return engine
 
-    zero3_loading("actor")
-    actor_model = load_policy(policy_path, dtype, trust)
-    if config.gradient_checkpointing:
-        actor_model.gradient_checkpointing_enable(**gradient_checkpointing)
-    actor, *_ = deepspeed.initialize(model=actor_model, lr_scheduler=warmup, config=copy.deepcopy(ds_configs["actor"]))
 
-    zero3_loading("critic")
-    critic_model = load_critic(critic_path, dtype, trust)
-    if config.gradient_checkpointing:
-        critic_model.backbone.gradient_checkpointing_enable(**gradient_checkpointing)
-    critic, *_ = deepspeed.initialize(model=critic_model, lr_scheduler=warmup,
-                                      config=copy.deepcopy(ds_configs["critic"]))
+def build_engines(config: PPOConfig, policy_path: str, critic_path: str, reward_path: str) -> Engines:
+    """The four engines (``build_engine``) and the two tokenizers.
 
-    zero3_loading("reference")
-    reference = _inference_engine(load_policy(policy_path, dtype, trust), ds_configs["reference"])
-    zero3_loading("reward")
-    reward_model, reward_tokenizer = load_reward_model(reward_path, dtype, trust)
-    reward = _inference_engine(reward_model, ds_configs["reward"])
-
-    return Engines(actor=actor, critic=critic, reference=reference, reward=reward,
-                   policy_tokenizer=load_tokenizer(policy_path, trust), reward_tokenizer=reward_tokenizer,
-                   ds_configs=ds_configs, hf_ds_configs=hf_ds_configs)
+    policy_path serves actor and reference; paths are local directories or hub names ("embedded" is
+    resolved by the caller).
+    """
+    hf_ds_configs: list[HfDeepSpeedConfig] = []
+    paths = {"actor": policy_path, "critic": critic_path, "reference": policy_path, "reward": reward_path}
+    engines = {role: build_engine(config, role, paths[role], hf_ds_configs) for role in ROLES}
+    trust = config.trust_remote_code
+    return Engines(**engines, policy_tokenizer=load_tokenizer(policy_path, trust),
+                   reward_tokenizer=load_reward_tokenizer(reward_path, trust), hf_ds_configs=hf_ds_configs)
 
 
 def _inference_engine(model: torch.nn.Module, ds_config: dict) -> deepspeed.DeepSpeedEngine:

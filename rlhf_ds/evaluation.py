@@ -24,8 +24,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_ds.data import PromptCollator, looks_like_path, load_prompts
+from rlhf_ds.errors import KnownError
 from rlhf_ds.experience import response_logits
-from rlhf_ds.models import load_policy, load_reward_model, load_tokenizer
+from rlhf_ds.models import load_policy, load_reward_model, load_reward_tokenizer, load_tokenizer
 from rlhf_ds.ppo import kl_penalty, logprobs_from_logits
 from rlhf_ds.reward import decode_rollout, resolve_reward_max_len, score_pairs
 from rlhf_ds.sampling import Sampler, Sampling
@@ -33,7 +34,7 @@ from rlhf_ds.sampling import Sampler, Sampling
 CHECKPOINT_MARKER = "trainer_state.json"  # a training checkpoint directory holds this file
 
 
-class EvaluationError(ValueError):
+class EvaluationError(KnownError, ValueError):
     """A problem with the evaluation's inputs, reported as one line naming the input and the fix."""
 
 
@@ -88,7 +89,8 @@ def load_models(policy_path: str, reference_path: str, reward_path: str, device:
                               f"the KL needs the reference the policy was trained from")
     policy = _load(load_policy, policy_path, "--policy", torch.float32, trust_remote_code)
     reference = _load(load_policy, reference_path, "--reference", torch.float32, trust_remote_code)
-    reward, reward_tokenizer = _load(load_reward_model, reward_path, "--reward", torch.float32, trust_remote_code)
+    reward = _load(load_reward_model, reward_path, "--reward", torch.float32, trust_remote_code)
+    reward_tokenizer = _load(load_reward_tokenizer, reward_path, "--reward", trust_remote_code)
     return {"policy": policy.to(device).eval(), "reference": reference.to(device).eval(),
             "reward": reward.to(device).eval(), "policy_tokenizer": policy_tokenizer,
             "reward_tokenizer": reward_tokenizer}

@@ -19,6 +19,7 @@ from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceC
 from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
 from rlhf_ds.data import looks_like_path
+from rlhf_ds.errors import KnownError
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -53,7 +54,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 0)
 
 
-class ModelError(ValueError):
+class ModelError(KnownError, ValueError):
     """A model path that cannot serve its role (missing, not a model, the wrong kind of head); one line."""
 
 
@@ -123,7 +124,7 @@ def load_saved_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokeni
 def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, path: str) -> None:
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer at {path} has neither a pad nor an eos token: add a pad token to it")
+            raise ModelError(f"tokenizer at {path} has neither a pad nor an eos token: add a pad token to it")
         tokenizer.pad_token = tokenizer.eos_token
 
 
@@ -214,18 +215,23 @@ def save_critic(model: CriticModel, out_dir: str, state_dict: Optional[dict] = N
               os.path.join(out_dir, VALUE_HEAD_FILE))
 
 
-def load_reward_model(path: str, dtype: torch.dtype,
-                      trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The reward model (sequence classifier with one logit) and ITS tokenizer, padding on the right because
-    DeBERTa pools the first token ([CLS]) and left padding would put a pad there."""
+def load_reward_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The reward model's own tokenizer: padding on the right, because DeBERTa pools the first token ([CLS]) and
+    left padding would put a pad there; truncation from the left, because a dialogue too long for the reward
+    model must keep its end (``reward.encode_pairs``)."""
+    tokenizer = load_saved_tokenizer(path, trust_remote_code)
+    _ensure_pad_token(tokenizer, path)
+    tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
+    return tokenizer
+
+
+def load_reward_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The reward model: a sequence classifier with one logit (its tokenizer: ``load_reward_tokenizer``)."""
     model, info = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype,
                                                                      trust_remote_code=trust_remote_code,
                                                                      use_safetensors=True, output_loading_info=True)
     _refuse_missing_weights(info, path, "reward_model")
-    tokenizer = load_saved_tokenizer(path, trust_remote_code)
-    _ensure_pad_token(tokenizer, path)
-    tokenizer.padding_side = "right"
-    return model, tokenizer
+    return model
 
 
 def head_dim(config) -> int:

@@ -18,12 +18,14 @@ from typing import Optional, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from rlhf_ds.errors import KnownError, run_main
+
 DEFAULT_TARGET_KL = 0.01  # PPOConfig's default, for runs whose config.json is missing
 LOSSES = ("policy_loss", "value_loss", "entropy_loss")
 PHASES = ("time_generation_s", "time_experience_s", "time_update_s")
 
 
-class PlotError(ValueError):
+class PlotError(KnownError, ValueError):
     """Input that cannot be plotted; the message is one line naming the file and the fix."""
 
 
@@ -169,13 +171,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (holds metrics.jsonl)")
     parser.add_argument("--out", metavar="DIR", help="where the PNGs go (default RUN_DIR/plots)")
     args = parser.parse_args(argv)
-    try:
-        paths = plot_run(args.run_dir, args.out)
-    except (PlotError, OSError) as err:  # OSError: e.g. an --out directory that cannot be created
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print("\n".join(paths))
-    return 0
+
+    def plot() -> int:
+        print("\n".join(plot_run(args.run_dir, args.out)))
+        return 0
+
+    return run_main(plot)
 
 
 if __name__ == "__main__":

@@ -44,9 +44,12 @@ def encode_pairs(tokenizer, questions: list[str], answers: list[str], max_len: i
 
     Too long: the question is cut from the *left* (the end of the dialogue matters most). Only when the answer
     alone does not fit is it cut too (``longest_first``), which ``only_first`` would refuse to do.
-    Returns ``input_ids``/``attention_mask`` (B, L) tensors.
+    Returns ``input_ids``/``attention_mask`` (B, L) tensors. The tokenizer must truncate from the left, as
+    ``models.load_reward_tokenizer`` sets it up.
     """
-    tokenizer.truncation_side = "left"
+    if tokenizer.truncation_side != "left":
+        raise ValueError("encode_pairs needs a reward tokenizer with truncation_side='left' (the question is cut "
+                         "from the left): load it with rlhf_ds.models.load_reward_tokenizer")
     kwargs = dict(max_length=max_len, padding=True, return_tensors="pt")
     try:
         batch = tokenizer(questions, answers, truncation="only_first", **kwargs)

@@ -22,6 +22,7 @@ from rlhf_ds.distributed import (all_reduce_max, all_reduce_mean, any_rank, get_
                                  global_explained_variance, global_masked_mean, global_masked_moments,
                                  global_masked_whiten, global_token_counts, is_main_process)
 from rlhf_ds.engines import Engines
+from rlhf_ds.errors import KnownError
 from rlhf_ds.experience import Experience, ExperienceMaker, response_logits, response_values
 from rlhf_ds.hybrid import HybridEngine
 from rlhf_ds.kl_control import make_kl_controller
@@ -30,7 +31,7 @@ from rlhf_ds.signals import StopSignals
 from rlhf_ds.tracking import RunLogger
 
 
-class TrainingError(RuntimeError):
+class TrainingError(KnownError, RuntimeError):
     """The run cannot go on (e.g. too many consecutive non-finite rollouts); the message says why."""
 
 
@@ -66,11 +67,29 @@ def training_mode(*engines):
             engine.eval()
 
 
-class PPOTrainer:
-    """Runs PPO iterations on four engines; ``prompts`` are this run's training prompts (all ranks the same)."""
+class StepObserver:
+    """What a measuring tool (``launch/bench.py``) may watch inside an iteration, on the trainer's own code path.
 
-    def __init__(self, config: PPOConfig, engines: Engines, prompts: list[str]):
+    The base class watches nothing and costs nothing; a subclass overrides what it needs.
+    """
+
+    def experience(self, exp: Experience) -> None:
+        """Called with each rollout's experience as soon as it is made (before rewards and advantages)."""
+
+    def update_part(self, part: str) -> contextlib.AbstractContextManager:
+        """Wraps each "forward" (a mini-batch's losses: actor and critic forwards and the loss maths),
+        "backward" and "step" (actor's, then critic's) of the update."""
+        return contextlib.nullcontext()
+
+
+class PPOTrainer:
+    """Runs PPO iterations on four engines; ``prompts`` are this run's training prompts (all ranks the same).
+    ``observer`` watches the inside of each iteration (``StepObserver``; none by default)."""
+
+    def __init__(self, config: PPOConfig, engines: Engines, prompts: list[str],
+                 observer: StepObserver | None = None):
         self.config = config
+        self.observer = observer or StepObserver()
         self.engines = engines
         self.rank, self.world_size = get_rank(), get_world_size()
         self.device = engines.actor.device
@@ -106,6 +125,7 @@ class PPOTrainer:
         meter.lap("generation")
 
         exp = self.experience_maker.make(batch["attention_mask"], sequences, response_mask)
+        self.observer.experience(exp)
         meter.lap("experience")
         if any_rank(not torch.isfinite(exp.scores).all(), self.device):
             return self._skip("non-finite reward score", meter)
@@ -153,16 +173,18 @@ class PPOTrainer:
                 minibatches = [exp.select(index.to(self.device)) for index in order.split(cfg.mini_batch_size)]
                 global_tokens = global_token_counts([mb.response_mask for mb in minibatches])
                 for mb, tokens in zip(minibatches, global_tokens):
-                    losses = self._minibatch_losses(mb, num_tokens=tokens / self.world_size)
+                    with self.observer.update_part("forward"):
+                        losses = self._minibatch_losses(mb, num_tokens=tokens / self.world_size)
                     actor_loss = losses["policy_loss"] + losses["entropy_loss"]
                     critic_loss = cfg.vf_coef * losses["value_loss"]
                     if any_rank(not bool(torch.isfinite(actor_loss) & torch.isfinite(critic_loss)), self.device):
                         skipped += 1
                         continue
-                    actor.backward(actor_loss)
-                    actor.step()
-                    critic.backward(critic_loss)
-                    critic.step()
+                    for engine, loss in ((actor, actor_loss), (critic, critic_loss)):
+                        with self.observer.update_part("backward"):
+                            engine.backward(loss)
+                        with self.observer.update_part("step"):
+                            engine.step()
                     for name, value in losses.items():
                         sums[name] = sums.get(name, 0.0) + value.detach().double()  # as Python floats would sum
                     steps += 1
@@ -198,10 +220,6 @@ class PPOTrainer:
         mask = exp.response_mask
         sequence_reward = (rewards * mask).sum(1)
         local = {
-            "score_mean": exp.scores.mean().item(),
-            "score_sq": exp.scores.square().mean().item(),
-            "reward_mean": sequence_reward.mean().item(),
-            "reward_sq": sequence_reward.square().mean().item(),
             "response_length": mask.sum(1).mean().item(),
             "tokens": mask.sum().item(),
             "generation_partitioned": float(self.generator.last_generation == "partitioned"),
@@ -209,8 +227,9 @@ class PPOTrainer:
             **update_metrics, **meter.seconds,
         }
         metrics = {**all_reduce_mean(local), **all_reduce_max(meter.peak_mb)}
-        for name in ("score", "reward"):
-            metrics[f"{name}_std"] = max(metrics.pop(f"{name}_sq") - metrics[f"{name}_mean"] ** 2, 0.0) ** 0.5
+        for name, values in (("score", exp.scores), ("reward", sequence_reward)):
+            mean, var, _ = global_masked_moments(values, torch.ones_like(values), unbiased=False)
+            metrics[f"{name}_mean"], metrics[f"{name}_std"] = mean.item(), var.sqrt().item()
         explained_var = global_explained_variance(exp.values, exp.returns, mask)
         if explained_var is not None:  # undefined with fewer than 2 valid tokens over all ranks
             metrics["value_explained_var"] = explained_var

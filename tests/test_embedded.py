@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf_ds import corpus
 from rlhf_ds.embedded import EmbeddedCacheError, Recipe, build, cache_dir, quality_report, train_models, verify
-from rlhf_ds.models import load_reward_model
+from rlhf_ds.models import load_reward_model, load_reward_tokenizer
 
 TINY = Recipe(policy_layers=1, policy_hidden_size=32, reward_layers=1, reward_hidden_size=32, sft_steps=4,
               reward_steps=4, sft_batch_size=8, reward_batch_size=8, eval_pairs=10, eval_prompts=4,
@@ -30,7 +30,7 @@ def test_full_build_quality(full_build):
     recipe = Recipe()
     policy = AutoModelForCausalLM.from_pretrained(full_build.policy, trust_remote_code=False)
     policy_tok = AutoTokenizer.from_pretrained(full_build.policy, trust_remote_code=False)
-    reward, reward_tok = load_reward_model(full_build.reward, torch.float32)
+    reward, reward_tok = load_reward_model(full_build.reward, torch.float32), load_reward_tokenizer(full_build.reward)
     q = quality_report(policy, policy_tok, reward, reward_tok, recipe)
     assert q["reward_accuracy"] >= 0.90, q
     assert min(q["reward_accuracy_per_flaw"].values()) >= 0.6, q
@@ -43,7 +43,7 @@ def test_full_build_quality(full_build):
 
 def test_policy_tokenizer_is_qwen2_and_reward_tokenizer_differs(full_build):
     policy_tok = AutoTokenizer.from_pretrained(full_build.policy)
-    _, reward_tok = load_reward_model(full_build.reward, torch.float32)
+    reward_tok = load_reward_tokenizer(full_build.reward)
     assert type(policy_tok).__name__ == "Qwen2Tokenizer" and policy_tok.eos_token == "<|endoftext|>"
     text = "How do I cook rice at home?"
     assert policy_tok(text)["input_ids"] != reward_tok(text)["input_ids"]
@@ -135,7 +135,7 @@ def test_sft_and_reward_clis_train_any_hf_model_on_hh_files(tmp_path):
     assert rm.returncode == 0, rm.stderr[-3000:]
     assert "held-out pairwise accuracy" in rm.stdout
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "sft").config.model_type == "qwen2"
-    assert load_reward_model(str(tmp_path / "rm"), torch.float32)[0].config.num_labels == 1
+    assert load_reward_model(str(tmp_path / "rm"), torch.float32).config.num_labels == 1
     missing = subprocess.run([sys.executable, str(repo / "launch/train_sft.py"), "--model", "x", "--out", "y",
                               "--data", str(tmp_path / "none.jsonl")], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "none.jsonl" in missing.stderr and "Traceback" not in missing.stderr

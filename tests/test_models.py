@@ -7,8 +7,8 @@ import torch
 from transformers import Qwen2ForCausalLM
 
 from rlhf_ds.models import (VALUE_HEAD_FILE, CriticModel, ModelError, check_model_source, load_critic, load_policy,
-                            load_reward_model, load_tokenizer, position_ids_from_mask, qwen2_0_5b_config, save_critic,
-                            tiny_deberta_config, tiny_qwen2_config)
+                            load_reward_model, load_reward_tokenizer, load_tokenizer, position_ids_from_mask,
+                            qwen2_0_5b_config, save_critic, tiny_deberta_config, tiny_qwen2_config)
 
 QWEN2_0_5B_PARAMETERS = 494_032_768  # Qwen/Qwen2-0.5B, embeddings tied
 
@@ -70,9 +70,10 @@ def test_missing_pad_token_falls_back_to_eos(tiny, tmp_path):
 
 def test_reward_model_pads_right_for_cls_pooling(tiny):
     _, paths = tiny
-    model, tokenizer = load_reward_model(paths["reward"], torch.float32)
+    model, tokenizer = load_reward_model(paths["reward"], torch.float32), load_reward_tokenizer(paths["reward"])
     batch = tokenizer(["Human: hi", "Human: can you help me ?"], ["yes", "no"], padding=True, return_tensors="pt")
     assert tokenizer.padding_side == "right" and (batch["input_ids"][:, 0] == tokenizer.cls_token_id).all()
+    assert tokenizer.truncation_side == "left"  # a long dialogue keeps its end
     assert model(**batch).logits.shape == (2, 1)
 
 

@@ -1,4 +1,5 @@
 """Cross-tokenizer reward path: the reward model reads exactly the text the policy generated."""
+import copy
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,14 @@ def test_encode_pairs_cuts_the_question_from_the_left(tokenizers):
     batch = encode_pairs(reward_tok, [question], ["Cook the rice slowly."], max_len=12)
     tokens = reward_tok.convert_ids_to_tokens(batch["input_ids"][0])
     assert tokens == ["[CLS]", "rice", "at", "home", "?", "[SEP]", "cook", "the", "rice", "slowly", ".", "[SEP]"]
+
+
+def test_encode_pairs_refuses_a_tokenizer_that_would_cut_the_dialogue_end(tokenizers):
+    _, reward_tok = tokenizers
+    right = copy.deepcopy(reward_tok)
+    right.truncation_side = "right"
+    with pytest.raises(ValueError, match="truncation_side='left'.*load_reward_tokenizer"):
+        encode_pairs(right, ["a question?"], ["an answer."], max_len=12)
 
 
 def test_encode_pairs_survives_an_answer_longer_than_the_limit(tokenizers):

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhf_ds.embedded import build
-from rlhf_ds.models import load_reward_model, load_tokenizer
+from rlhf_ds.models import load_reward_model, load_reward_tokenizer, load_tokenizer
 from rlhf_ds.experience import ExperienceMaker
 from rlhf_ds.models import CriticModel
 from rlhf_ds.sampling import Sampling
@@ -128,7 +128,7 @@ def test_kl_coef_follows_the_step_rule(two_rank_run):
 def test_batched_experience_equals_per_sequence_and_ignores_left_padding(embedded):
     tok = load_tokenizer(embedded.policy)
     policy = AutoModelForCausalLM.from_pretrained(embedded.policy)
-    reward, reward_tok = load_reward_model(embedded.reward, torch.float32)
+    reward, reward_tok = load_reward_model(embedded.reward, torch.float32), load_reward_tokenizer(embedded.reward)
     torch.manual_seed(0)
     critic = CriticModel(policy.model)
     torch.nn.init.normal_(critic.value_head.weight, std=0.1)
@@ -183,7 +183,7 @@ def test_fewer_prompts_than_one_global_batch_is_one_line_before_any_model_loads(
 def test_non_finite_scores_are_skipped_counted_and_stop_the_run(embedded, tmp_path):
     """A reward model that returns NaN never reaches an update: each rollout is skipped and counted, and the run
     stops with a clear error after max_skipped_batches in a row."""
-    reward, reward_tok = load_reward_model(embedded.reward, torch.float32)
+    reward, reward_tok = load_reward_model(embedded.reward, torch.float32), load_reward_tokenizer(embedded.reward)
     with torch.no_grad():
         reward.classifier.bias.fill_(float("nan"))
     reward.save_pretrained(tmp_path / "nan_reward")

@@ -76,6 +76,9 @@ def test_a_non_finite_loss_on_one_rank_skips_that_minibatch_on_every_rank(runs):
         skip = result["skip"]
         metrics = skip["metrics"]
         assert skip["steps"] == [2, 2]  # 3 mini-batches, the second stepped by no rank
+        # a StepObserver sees one experience, every mini-batch's forward, and the backward and step of the two
+        # engines on the mini-batches that stepped
+        assert skip["observed"] == {"experience": 1, "forward": 3, "backward": 4, "step": 4}
         assert metrics["skipped_minibatches"] == 1 and "skip_reason" not in metrics
         assert metrics["skipped_batches"] == 0 and skip["weights_finite"]
         # the rollout was applied, so the controller moved by the step rule (bounds off in this run)

@@ -54,7 +54,7 @@ def reward_tokenizer() -> PreTrainedTokenizerBase:
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-                                   unk_token="[UNK]")
+                                   unk_token="[UNK]", padding_side="right", truncation_side="left")
 
 
 def build_models(root: str) -> dict[str, str]:

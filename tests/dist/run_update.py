@@ -11,7 +11,8 @@ update). Scenarios, in this order on the same engines:
    token mean makes the two parameter updates equal. Also counts the actor's decoder-layer calls with gradient
    checkpointing on and off.
 2. ``skip`` (2 ranks): a PPO iteration whose second mini-batch has a non-finite policy loss on rank 0 only; the
-   first mini-batch's ratio and clipfrac at temperature 0.7; prompts cut at max_prompt_len 7.
+   first mini-batch's ratio and clipfrac at temperature 0.7; prompts cut at max_prompt_len 7; what a
+   ``StepObserver`` is shown.
 3. ``degenerate``: rollout_batch_size 1 and a response that is only EOS (on rank 1; on the only rank when W=1),
    for two iterations.
 """
@@ -29,7 +30,7 @@ from rlhf_ds.distributed import exit_process, get_rank, get_world_size, init_dis
 from rlhf_ds.engines import build_engines
 from rlhf_ds.experience import Experience, response_logits
 from rlhf_ds.zero3 import gathered
-from rlhf_ds.trainer import PPOTrainer
+from rlhf_ds.trainer import PPOTrainer, StepObserver
 from run_engines import gathered_state
 
 PROMPT_LEN, RESPONSE_LEN, ROWS = 12, 12, 4
@@ -103,9 +104,24 @@ def scenario_update(engines, trainer, world: int, out: str) -> dict:
     return result
 
 
+class CountingObserver(StepObserver):
+    """Counts what a StepObserver is shown: experiences and each part of the update."""
+
+    def __init__(self):
+        self.calls = dict.fromkeys(("experience", "forward", "backward", "step"), 0)
+
+    def experience(self, exp) -> None:
+        self.calls["experience"] += 1
+
+    def update_part(self, part: str):
+        self.calls[part] += 1
+        return super().update_part(part)
+
+
 def scenario_skip(engines, sgd_json: str) -> dict:
+    observer = CountingObserver()
     trainer = PPOTrainer(config(sgd_json, rollout_batch_size=3, mini_batch_size=1, actor_lr=1e-3, critic_lr=1e-3,
-                                max_prompt_len=7), engines, PROMPTS)
+                                max_prompt_len=7), engines, PROMPTS, observer=observer)
     policy_loss, calls, first = ppo.policy_loss, [0], {}
 
     def injected(logprobs, old_logprobs, *args, **kwargs):
@@ -126,7 +142,7 @@ def scenario_skip(engines, sgd_json: str) -> dict:
     metrics = trainer.step(prompts)
     ppo.policy_loss = policy_loss
     finite = all(torch.isfinite(p).all().item() for p in engines.actor.module.parameters())
-    return {"metrics": metrics, "first_minibatch": first, "weights_finite": finite,
+    return {"metrics": metrics, "first_minibatch": first, "weights_finite": finite, "observed": observer.calls,
             "longer_than_7": sum(n > 7 for n in lengths) / len(lengths),
             "steps": [engines.actor.global_steps - steps_before[0], engines.critic.global_steps - steps_before[1]]}
 

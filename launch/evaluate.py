@@ -61,7 +61,7 @@ def _device(name: str):
 
 
 def evaluate(args: argparse.Namespace, config: PPOConfig) -> int:
-    from rlhf_ds.embedded import resolve_model_paths
+    from rlhf_ds.catalog import resolve_model_paths
     from rlhf_ds.evaluation import check_model_path, evaluate_policy, format_summary, write_outputs
 
     out_dir = os.path.join(config.output_dir, "eval")

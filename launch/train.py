@@ -27,7 +27,7 @@ def prepare(config: PPOConfig):
     from rlhf_ds.checkpoint import check_resume_config, find_checkpoint, verify_checkpoint
     from rlhf_ds.data import PromptLoader, load_prompts
     from rlhf_ds.distributed import barrier, get_rank, get_world_size, init_distributed, is_main_process
-    from rlhf_ds.embedded import resolve_model_paths
+    from rlhf_ds.catalog import resolve_model_paths
     from rlhf_ds.engines import ROLES, build_ds_config, build_engines, describe_placement
     from rlhf_ds.models import check_model_source
     from rlhf_ds.tracking import check_output_dir, check_trackers, clear_previous_run, write_run_info

@@ -52,9 +52,11 @@ def _doc(default: Any, help: str) -> Any:
 @dataclass
 class PPOConfig:
     # --- models and data -------------------------------------------------------------------------------
-    policy_model: str = _doc("embedded", "actor/reference weights: 'embedded', a hub name or a local HF directory")
+    policy_model: str = _doc("embedded", "actor/reference weights: 'embedded', 'qwen2-0.5b-shape[:LAYERS]' (random "
+                             "stand-in of the real shape), a hub name or a local HF directory")
     critic_model: Optional[str] = _doc(None, "critic backbone weights; None = same as policy_model")
-    reward_model: str = _doc("embedded", "reward model (sequence classifier, num_labels=1), with its own tokenizer")
+    reward_model: str = _doc("embedded", "reward model (sequence classifier, num_labels=1), with its own tokenizer: "
+                             "'embedded', 'deberta-v3-large-shape[:LAYERS]', a hub name or a local directory")
     dataset: str = _doc("embedded", "prompts: 'embedded', a hub dataset (Anthropic/hh-rlhf), a local dir or file")
     train_split: str = _doc("train", "dataset split used for training prompts")
     eval_split: str = _doc("test", "dataset split used for held-out evaluation prompts")

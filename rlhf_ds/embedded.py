@@ -6,9 +6,8 @@ ordinary ``from_pretrained`` calls load with ``trust_remote_code=False``. They a
 Qwen2-0.5B and DeBERTa-v3 with *different* tokenizers (byte-level BPE vs WordPiece), so PPO runs the exact code
 path of the real models, cross-tokenizer reward included, on a CPU in minutes.
 
-The cache is ``$RLHF_DS_CACHE/embedded/<recipe hash>`` (``RLHF_DS_CACHE`` defaults to ``~/.cache/rlhf_ds``).
-A build happens in a temporary directory and appears with one rename only when complete; its manifest holds
-the sha256 of every file, so a partial or corrupted cache is detected, reported and rebuilt.
+The cache is ``$RLHF_DS_CACHE/embedded/<recipe hash>`` (``RLHF_DS_CACHE`` defaults to ``~/.cache/rlhf_ds``),
+built and verified by ``cache.cached_build``: a partial or corrupted cache is detected, reported and rebuilt.
 
     python -m rlhf_ds.embedded build      # build (or verify) and print the quality report
     python -m rlhf_ds.embedded path       # print the cache directory
@@ -16,25 +15,20 @@ the sha256 of every file, so a partial or corrupted cache is detected, reported 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
-import os
 import random
-import shutil
 import sys
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rlhf_ds import corpus
+from rlhf_ds.cache import cache_root, cached_build
 from rlhf_ds.data import PromptCollator, extract_prompt, question_from_prompt
-from rlhf_ds.errors import KnownError, run_main
-from rlhf_ds.files import file_digests, first_problem
+from rlhf_ds.errors import run_main
 from rlhf_ds.sampling import Sampler, Sampling
 from rlhf_ds.supervised import (Schedule, evaluate_reward_model, preference_pairs, train_reward_model, train_sft)
 
@@ -91,10 +85,6 @@ class EmbeddedModels:
     @property
     def reward(self) -> str:
         return str(self.root / "reward")
-
-
-class EmbeddedCacheError(KnownError, RuntimeError):
-    """The cache location cannot be used; the message names the path and the fix."""
 
 
 # --- tokenizers -----------------------------------------------------------------------------------------
@@ -223,7 +213,7 @@ def quality_report(policy, policy_tokenizer, reward, reward_tokenizer, recipe: R
     prompts = [extract_prompt(r["chosen"]) for r in test[:recipe.eval_prompts]]
     answers, eos_fraction = sample_answers(policy, policy_tokenizer, prompts, recipe.eval_new_tokens,
                                            recipe.max_seq_len, recipe.seed)
-    sample_scores = score_pairs(reward, reward_tokenizer, [question_from_prompt(p) for p in prompts], answers,
+    sample_scores, _ = score_pairs(reward, reward_tokenizer, [question_from_prompt(p) for p in prompts], answers,
                                 recipe.max_seq_len)
     return {
         "reward_accuracy": wins.mean().item(),
@@ -237,24 +227,8 @@ def quality_report(policy, policy_tokenizer, reward, reward_tokenizer, recipe: R
 
 
 # --- build and cache ------------------------------------------------------------------------------------------
-def cache_root() -> Path:
-    return Path(os.environ.get("RLHF_DS_CACHE", Path.home() / ".cache" / "rlhf_ds")).expanduser()
-
-
 def cache_dir(recipe: Recipe = Recipe()) -> Path:
     return cache_root() / "embedded" / recipe.digest()
-
-
-def verify(root: Path) -> str | None:
-    """None when ``root`` is a complete build, else one line saying what is wrong with it."""
-    manifest = root / "manifest.json"
-    if not manifest.is_file():
-        return f"{manifest} is missing"
-    try:
-        expected = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError):
-        return f"{manifest} is unreadable"
-    return first_problem(str(root), expected)
 
 
 @dataclass
@@ -319,57 +293,15 @@ def _train_models(recipe: Recipe) -> TrainedModels:
 
 
 def build(recipe: Recipe = Recipe(), force: bool = False) -> EmbeddedModels:
-    """The embedded default, built on first use; later calls verify the cache and return at once.
+    """The embedded default, built on first use (``cache.cached_build``); later calls verify the cache."""
+    def make(out: Path) -> dict:
+        models = train_models(recipe)
+        models.save(out)
+        return {"recipe": dataclasses.asdict(recipe), "quality": models.report}
 
-    Concurrent callers (several ranks, several test processes) serialise on a lock file, so one builds and the
-    others then find the finished cache. A broken cache is reported with a warning and rebuilt.
-    """
     final = cache_dir(recipe)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(final.parent / f".{final.name}.lock", "w")
-    except OSError as err:
-        raise EmbeddedCacheError(f"cannot write the embedded cache at {final.parent} ({err.strerror}): "
-                                 f"set RLHF_DS_CACHE to a writable directory") from None
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if final.exists():
-            problem = verify(final)
-            if problem is None and not force:
-                return EmbeddedModels(final, json.loads((final / "manifest.json").read_text())["quality"])
-            if problem is not None:
-                warnings.warn(f"embedded cache {final} is broken ({problem}); rebuilding it")
-            shutil.rmtree(final)
-        print(f"[embedded] building the embedded default into {final} (recipe {recipe.digest()})", flush=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        try:
-            models = train_models(recipe)
-            models.save(tmp)
-            report = models.report
-            manifest = {"recipe": dataclasses.asdict(recipe), "quality": report, "files": file_digests(str(tmp)),
-                        "torch": torch.__version__}
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-            os.rename(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return EmbeddedModels(final, report)
-
-
-def resolve_model_paths(config) -> tuple[str, str, str]:
-    """(policy, critic, reward) of a PPOConfig as loadable paths; 'embedded' builds or verifies the default.
-
-    Every rank may call this at once: the build is serialised by the cache's file lock.
-    """
-    critic = config.critic_model or config.policy_model
-    if "embedded" not in (config.policy_model, critic, config.reward_model):
-        return config.policy_model, critic, config.reward_model
-    models = build()
-
-    def resolve(name: str, embedded_path: str) -> str:
-        return embedded_path if name == "embedded" else name
-
-    return (resolve(config.policy_model, models.policy), resolve(critic, models.policy),
-            resolve(config.reward_model, models.reward))
+    manifest = cached_build(final, make, f"the embedded default (recipe {recipe.digest()})", force)
+    return EmbeddedModels(final, manifest["quality"])
 
 
 def format_report(quality: dict) -> str:

@@ -12,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_ds import corpus
-from rlhf_ds.embedded import EmbeddedCacheError, Recipe, build, cache_dir, quality_report, train_models, verify
+from rlhf_ds.cache import CacheError, verify
+from rlhf_ds.embedded import Recipe, build, cache_dir, quality_report, train_models
 from rlhf_ds.models import load_reward_model, load_reward_tokenizer
 
 TINY = Recipe(policy_layers=1, policy_hidden_size=32, reward_layers=1, reward_hidden_size=32, sft_steps=4,
@@ -106,7 +107,7 @@ def test_cache_reuse_corruption_and_unwritable(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("RLHF_DS_CACHE", str(blocker / "sub"))
-    with pytest.raises(EmbeddedCacheError, match="RLHF_DS_CACHE"):
+    with pytest.raises(CacheError, match="RLHF_DS_CACHE"):
         build(TINY)
 
 

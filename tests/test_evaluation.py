@@ -12,7 +12,7 @@ import torch
 
 from rlhf_ds.config import PPOConfig
 from rlhf_ds.data import load_prompts
-from rlhf_ds.embedded import resolve_model_paths
+from rlhf_ds.catalog import resolve_model_paths
 from rlhf_ds.evaluation import evaluate, evaluate_policy, load_models, sequence_kl, summarize
 from rlhf_ds.sampling import Sampler, Sampling
 from rlhf_ds.models import load_tokenizer, tiny_qwen2_config

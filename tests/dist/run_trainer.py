@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from rlhf_ds.config import PPOConfig
 from rlhf_ds.data import load_prompts
 from rlhf_ds.distributed import exit_process, get_rank, init_distributed
-from rlhf_ds.embedded import resolve_model_paths
+from rlhf_ds.catalog import resolve_model_paths
 from rlhf_ds.engines import build_engines
 from rlhf_ds.trainer import PPOTrainer
 from run_engines import digest

@@ -178,7 +178,7 @@ def evaluate(policy: PreTrainedModel, reference: PreTrainedModel, reward: PreTra
             response = sequences[:, prompt_ids.shape[1]:]
             questions, answers = decode_rollout(policy_tokenizer, prompt_ids, prompt_mask, response, response_mask,
                                                 sampling.stop_strings)
-            scores = score_pairs(reward, reward_tokenizer, questions, answers, reward_max_len)
+            scores, _ = score_pairs(reward, reward_tokenizer, questions, answers, reward_max_len)
             rollouts[name] = (sequences, response_mask, answers, scores, (response == eos_id).any(dim=1))
         sequences, response_mask = rollouts["policy"][:2]
         kl = sequence_kl(policy, reference, sequences, prompt_mask, response_mask, sampling.temperature)

@@ -31,6 +31,7 @@ class Experience:
     ref_logprobs: torch.Tensor  # (B, R) reference log-probs
     values: torch.Tensor  # (B, R) critic values
     scores: torch.Tensor  # (B,) raw reward-model scores
+    score_truncated: Optional[torch.Tensor] = None  # (B,) bool: the reward model read the pair cut to fit
     advantages: Optional[torch.Tensor] = None  # (B, R)
     returns: Optional[torch.Tensor] = None  # (B, R)
 
@@ -146,8 +147,9 @@ class ExperienceMaker:
                 parts["values"] = in_row_order([response_values(self.critic, sequences[b], attention_mask[b],
                                                                 prompt_len) for b in by_prompt], by_prompt)
             with gathered(self.reward):
-                parts["scores"] = in_row_order([score_pairs(
-                    self.reward, self.reward_tokenizer, [questions[i] for i in b], [answers[i] for i in b],
-                    self.reward_max_len).to(sequences.device) for b in by_text], by_text)
+                scored = [score_pairs(self.reward, self.reward_tokenizer, [questions[i] for i in b],
+                                      [answers[i] for i in b], self.reward_max_len) for b in by_text]
+            for name, chunks in (("scores", [s for s, _ in scored]), ("score_truncated", [t for _, t in scored])):
+                parts[name] = in_row_order([chunk.to(sequences.device) for chunk in chunks], by_text)
         return Experience(sequences=sequences, attention_mask=attention_mask,
                           response_mask=response_mask.float(), **parts)

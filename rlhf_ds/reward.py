@@ -44,8 +44,8 @@ def encode_pairs(tokenizer, questions: list[str], answers: list[str], max_len: i
 
     Too long: the question is cut from the *left* (the end of the dialogue matters most). Only when the answer
     alone does not fit is it cut too (``longest_first``), which ``only_first`` would refuse to do.
-    Returns ``input_ids``/``attention_mask`` (B, L) tensors. The tokenizer must truncate from the left, as
-    ``models.load_reward_tokenizer`` sets it up.
+    Returns ``input_ids``/``attention_mask`` (B, L) tensors and ``truncated`` (B,) bool, the pairs that were cut.
+    The tokenizer must truncate from the left, as ``models.load_reward_tokenizer`` sets it up.
     """
     if tokenizer.truncation_side != "left":
         raise ValueError("encode_pairs needs a reward tokenizer with truncation_side='left' (the question is cut "
@@ -57,16 +57,27 @@ def encode_pairs(tokenizer, questions: list[str], answers: list[str], max_len: i
         if "truncat" not in str(err).lower():
             raise
         batch = tokenizer(questions, answers, truncation="longest_first", **kwargs)
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "truncated": _truncated_rows(batch, max_len)}
+
+
+def _truncated_rows(batch, max_len: int) -> torch.Tensor:
+    """(B,) bool: the pairs that lost tokens to truncation. A tokenizers-backed tokenizer says so exactly (an
+    encoding's ``overflowing`` tokens); for any other, a pair that fills all ``max_len`` positions counts as cut."""
+    if batch.encodings is not None:
+        return torch.tensor([bool(encoding.overflowing) for encoding in batch.encodings])
+    return batch["attention_mask"].sum(1) >= max_len
 
 
 @torch.no_grad()
-def score_pairs(model, tokenizer, questions: list[str], answers: list[str], max_len: int) -> torch.Tensor:
-    """Reward-model scores (B,) float32 for text pairs; ``model`` is a classifier with one logit (or its engine)."""
+def score_pairs(model, tokenizer, questions: list[str], answers: list[str],
+                max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reward-model scores (B,) float32 for text pairs, and which pairs were cut to ``max_len`` (B,) bool (see
+    ``encode_pairs``); ``model`` is a classifier with one logit (or its engine)."""
     batch = encode_pairs(tokenizer, questions, answers, max_len)
     device = next(model.parameters()).device
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    return logits[:, 0].float()
+    return logits[:, 0].float(), batch["truncated"]
 
 
 def decode_rollout(policy_tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,

@@ -168,7 +168,8 @@ def pair_scores(model, tokenizer, pairs: Sequence[PreferencePair], max_len: int)
     answers = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     batch = encode_pairs(tokenizer, questions, answers, max_len)
     device = next(model.parameters()).device
-    scores = model(**{k: v.to(device) for k, v in batch.items()}).logits[:, 0].float()
+    scores = model(input_ids=batch["input_ids"].to(device),
+                   attention_mask=batch["attention_mask"].to(device)).logits[:, 0].float()
     return scores[:len(pairs)], scores[len(pairs):]
 
 

@@ -224,6 +224,7 @@ class PPOTrainer:
             "tokens": mask.sum().item(),
             "generation_partitioned": float(self.generator.last_generation == "partitioned"),
             "prompts_truncated": prompts_truncated,
+            "reward_inputs_truncated": exp.score_truncated.float().mean().item(),
             **update_metrics, **meter.seconds,
         }
         metrics = {**all_reduce_mean(local), **all_reduce_max(meter.peak_mb)}

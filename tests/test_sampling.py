@@ -119,9 +119,9 @@ def test_stop_string_ends_generation_the_mask_and_the_answer(talker, reward):
     maker = ExperienceMaker(model, critic, model, reward_model, tokenizer, reward_tokenizer,
                             Sampling(max_new_tokens=16, stop_strings=STOP), reward_max_len=64, micro_batch_size=2)
     exp = maker.make(batch["attention_mask"], sequences, mask)
-    expected = score_pairs(reward_model, reward_tokenizer, questions, answers, 64)
+    expected, _ = score_pairs(reward_model, reward_tokenizer, questions, answers, 64)
     torch.testing.assert_close(exp.scores, expected, rtol=0, atol=0)
-    talking = score_pairs(reward_model, reward_tokenizer, questions[:1],
+    talking, _ = score_pairs(reward_model, reward_tokenizer, questions[:1],
                           [tokenizer.decode(response[0], skip_special_tokens=True).strip()], 64)
     assert talking.item() != exp.scores[0].item()
 

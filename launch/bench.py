@@ -4,7 +4,7 @@
     python launch/bench.py --json new.json          # also write the figures
     python launch/bench.py --compare old.json new.json   # per-key ratios; regressions > 10% flagged (exit 1)
     python launch/bench.py --model qwen2-small      # random-init Qwen2, 8 layers x 512 (40M parameters)
-    python launch/bench.py --model qwen2-0.5b       # random-init model of the exact Qwen2-0.5B shape (GPU only)
+    python launch/bench.py --model qwen2-0.5b-shape:2   # the real models' stand-ins, 2 of 24 layers (full depth: GPU)
     python launch/bench.py --quick [--ranks 1]      # smoke run, tiny sizes (what tests/test_bench.py runs)
     python launch/bench.py [...] --field value      # PPOConfig overrides, e.g. --rollout_batch_size 32
 
@@ -39,7 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from rlhf_ds import benchmark  # noqa: E402  (torch only; the heavy imports wait for the workers)
-from rlhf_ds.distributed import free_port  # noqa: E402
+from rlhf_ds.distributed import free_port, prebuild_comm_ops  # noqa: E402
 from rlhf_ds.errors import fail, run_main  # noqa: E402
 
 PHASES = ("generation", "experience", "update")
@@ -319,7 +319,7 @@ def worker(args, overrides: list[str]) -> int:
 
     from rlhf_ds.data import load_prompts
     from rlhf_ds.distributed import get_world_size, init_distributed, is_main_process
-    from rlhf_ds.embedded import resolve_model_paths
+    from rlhf_ds.catalog import resolve_model_paths
     from rlhf_ds.engines import build_engines
 
     sections = _sections(args.sections)
@@ -351,15 +351,6 @@ def worker(args, overrides: list[str]) -> int:
 
 
 # --- the parent: starts the workers, merges, prints ----------------------------------------------------------
-
-def _prebuild_deepspeed_ops() -> None:
-    """Build DeepSpeed's CPU shared-memory comm op once here, not concurrently in N ranks (that run aborts)."""
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None and builder.is_compatible(verbose=False):
-        builder.load(verbose=False)
-
 
 def _start_worker(args, overrides: list[str], sections: list[str], ranks: int, out: str,
                   policy_dir: str | None) -> dict:
@@ -405,47 +396,60 @@ def _environment(args, config, ranks: int) -> dict:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
 
 
-def random_qwen2(model: str, policy_dir: str, out_dir: str) -> str:
-    """A random-init Qwen2 with the policy's tokenizer, for timing only. "qwen2-0.5b": the exact Qwen2-0.5B
-    architecture (494M parameters, vocab 151,936). "qwen2-small": the same family at a size a CPU runs in
+def random_qwen2_small(policy_dir: str, out_dir: str) -> str:
+    """A random-init Qwen2 with the policy's tokenizer, for timing only: the family at a size a CPU runs in
     minutes, large enough that matmuls and memory traffic, not per-layer Python, dominate (8 layers, hidden 512,
     8 heads of 64 as in Qwen2-0.5B, 2 KV heads, the tokenizer's vocabulary: 40M parameters)."""
     from transformers import Qwen2ForCausalLM
 
-    from rlhf_ds.models import load_tokenizer, qwen2_0_5b_config, tiny_qwen2_config
+    from rlhf_ds.models import load_tokenizer, tiny_qwen2_config
 
     tokenizer = load_tokenizer(policy_dir)
     eos = tokenizer.eos_token_id
-    if model == "qwen2-0.5b":
-        config = qwen2_0_5b_config()
-        config.eos_token_id = config.bos_token_id = config.pad_token_id = eos
-    else:
-        config = tiny_qwen2_config(len(tokenizer), eos, eos, tokenizer.pad_token_id, hidden_size=512, num_layers=8,
-                                   num_heads=8, num_kv_heads=2, max_position_embeddings=1024)
+    config = tiny_qwen2_config(len(tokenizer), eos, eos, tokenizer.pad_token_id, hidden_size=512, num_layers=8,
+                               num_heads=8, num_kv_heads=2, max_position_embeddings=1024)
     Qwen2ForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 
 
+def model_overrides(model: str, cuda: bool) -> list[str]:
+    """The PPOConfig overrides that ``--model`` stands for: none for "embedded" and "qwen2-small" (the worker swaps
+    the policy itself), the stand-ins of the real models at one depth for "qwen2-0.5b-shape[:LAYERS]". A CPU
+    refuses the full depth: four 0.5B-class models with Adam state exhaust a 24 GiB machine."""
+    from rlhf_ds.catalog import parse_standin
+    from rlhf_ds.config import ConfigError
+    from rlhf_ds.standins import POLICY_STANDIN, QWEN2_LAYERS, REWARD_STANDIN
+
+    if model in ("embedded", "qwen2-small"):
+        return []
+    standin = parse_standin(model)
+    if standin is None or standin[0] != POLICY_STANDIN:
+        raise ConfigError(f"--model {model!r}: choose embedded, qwen2-small or {POLICY_STANDIN}[:LAYERS]")
+    layers = standin[1]
+    if layers == QWEN2_LAYERS and not cuda:
+        raise ConfigError(f"--model {model} (full depth) is for a GPU: on a CPU the four models with Adam state "
+                          f"exhaust the memory of a 24 GiB machine; use {POLICY_STANDIN}:2 (every width exact)")
+    return ["--policy_model", model, "--critic_model", model, "--reward_model", f"{REWARD_STANDIN}:{layers}"]
+
+
 def run(args, overrides: list[str]) -> dict:
     import torch
 
-    from rlhf_ds.embedded import resolve_model_paths
+    from rlhf_ds.catalog import resolve_model_paths
 
     cuda = torch.cuda.is_available()
     ranks = args.ranks if args.ranks is not None else (min(2, torch.cuda.device_count()) if cuda else 2)
+    overrides = model_overrides(args.model, cuda) + overrides
     with tempfile.TemporaryDirectory(prefix="rlhf_bench_") as out:
         config = _config(argparse.Namespace(quick=args.quick, out=out), overrides)
-        policy_dir = None
-        if args.model != "embedded":
-            policy, _, _ = resolve_model_paths(config)
-            policy_dir = random_qwen2(args.model, policy, os.path.join(out, args.model))
+        policy, _, _ = resolve_model_paths(config)  # built here once, before the workers look for it
+        policy_dir = random_qwen2_small(policy, os.path.join(out, args.model)) if args.model == "qwen2-small" else None
         figures = {**_environment(args, config, ranks), "loadavg_start": benchmark.loadavg()}
         single = ["main", "experience", "scaling"] + (["generation"] if ranks == 1 else [])
         figures.update(_start_worker(args, overrides, single, 1, out, policy_dir))
         if ranks > 1:
-            if not cuda:
-                _prebuild_deepspeed_ops()
+            prebuild_comm_ops()
             figures.update(_start_worker(args, overrides, ["generation", "ranks"], ranks, out, policy_dir))
         figures["loadavg_end"] = benchmark.loadavg()
     return figures
@@ -541,8 +545,10 @@ def format_figures(f: dict) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("embedded", "qwen2-small", "qwen2-0.5b"), default="embedded",
-                        help="embedded: the trained default; qwen2-small, qwen2-0.5b: random-init Qwen2 (timing only)")
+    parser.add_argument("--model", default="embedded",
+                        help="embedded: the trained default; qwen2-small: a random-init 40M Qwen2; "
+                        "qwen2-0.5b-shape[:LAYERS]: the stand-ins of the real models at LAYERS of 24 layers (timing "
+                        "only; the full depth needs a GPU)")
     parser.add_argument("--iterations", type=int, default=None, help="timed iterations of the main run (after "
                         "one warm-up; default 3)")
     parser.add_argument("--scaling_iterations", type=int, default=None, help="timed iterations per scaling and "
@@ -578,11 +584,6 @@ def main(argv: list[str]) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return fail("run `python launch/bench.py` in one process: it starts its own ranks (--ranks N)", 2)
 
-    import torch
-
-    if args.model == "qwen2-0.5b" and not torch.cuda.is_available():
-        return fail("--model qwen2-0.5b is for a GPU: on a CPU the four 0.5B models with Adam state exhaust the "
-                    "memory of a 24 GiB machine; use the embedded default", 2)
 
     def bench() -> int:
         figures = run(args, overrides)

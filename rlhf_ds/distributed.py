@@ -32,6 +32,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def prebuild_comm_ops() -> None:
+    """JIT-build DeepSpeed's shared-memory comm op (CPU accelerator) in this process, before it starts ranks.
+
+    Otherwise the ranks of the first launch on a fresh machine build it concurrently, and that launch aborts at
+    exit ("terminate called without an active exception", rc -6) although it worked. No-op on a GPU.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and builder.is_compatible(verbose=False):
+        builder.load(verbose=False)
+
+
 def _set_rank_env_from_slurm() -> None:
     """``srun`` starts one task per rank but exports SLURM_PROCID/SLURM_LOCALID/SLURM_STEP_NUM_TASKS, not
     RANK/LOCAL_RANK/WORLD_SIZE: map them. SLURM_STEP_NUM_TASKS is set by srun only, so a plain ``python``

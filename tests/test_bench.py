@@ -227,11 +227,13 @@ def test_matmul_peak_and_mfu():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
-def test_qwen2_0_5b_is_refused_on_a_cpu_with_one_line():
-    proc = _run("--model", "qwen2-0.5b", timeout=120)
+@pytest.mark.parametrize("model, needle", [("qwen2-0.5b-shape", "GPU"), ("deberta-v3-large-shape:2", "choose"),
+                                           ("qwen2-0.5b-shape:x", "number of layers")])
+def test_a_model_the_bench_cannot_run_here_is_refused_with_one_line(model, needle):
+    proc = _run("--model", model, timeout=120)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "GPU" in errors[0] and "Traceback" not in proc.stderr
+    assert len(errors) == 1 and needle in errors[0] and "Traceback" not in proc.stderr
 
 
 def test_bad_override_is_a_one_line_error():

@@ -18,7 +18,7 @@ import torch
 
 from rlhf_ds.distributed import (all_reduce_max, all_reduce_mean, barrier, free_port, get_rank, get_world_size,
                                  global_explained_variance, global_masked_mean, global_masked_moments,
-                                 global_masked_whiten, global_token_counts, is_main_process)
+                                 global_masked_whiten, global_token_counts, is_main_process, prebuild_comm_ops)
 from rlhf_ds.ppo import WHITEN_EPS
 from rlhf_ds.sampling import response_mask_from_tokens
 
@@ -33,16 +33,8 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_
 
 @functools.cache
 def prebuild_deepspeed_ops() -> None:
-    """JIT-build DeepSpeed's shared-memory comm op (CPU accelerator) in this process, once.
-
-    Otherwise the ranks of the first launch on a fresh machine build it concurrently, and that launch ends
-    with an abort at exit ("terminate called without an active exception", rc -6) although it worked.
-    """
-    from deepspeed.accelerator import get_accelerator
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None and builder.is_compatible(verbose=False):
-        builder.load(verbose=False)
+    """Once per test session (``distributed.prebuild_comm_ops``)."""
+    prebuild_comm_ops()
 
 
 @functools.cache
@@ -249,6 +241,12 @@ def test_training_steps_keep_ranks_identical(run, request):
         assert all(math.isfinite(v) for step in r["losses"] for v in step.values())
         assert r["losses"][0]["critic"] == pytest.approx(1.0), "value head must start at 0"
         assert r["train_mode_restored"]
+
+
+def test_an_engine_loads_by_its_own_stage_whatever_was_built_before(zero2_run, zero3_run):
+    """A ZeRO-2 engine built after ZeRO-3 ones loads whole, a ZeRO-3 one after ZeRO-2 ones partitioned."""
+    assert all(r["other_stage_partitioned"] for r in zero2_run)
+    assert not any(r["other_stage_partitioned"] for r in zero3_run)
 
 
 def test_zero3_generation_matches_zero2(zero2_run, zero3_run):

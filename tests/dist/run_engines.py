@@ -8,6 +8,7 @@ parameters before and after training.
 """
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import torch
 import fixtures
 from rlhf_ds.config import PPOConfig
 from rlhf_ds.distributed import exit_process, get_rank
-from rlhf_ds.engines import build_engines
+from rlhf_ds.engines import build_engine, build_engines
 from rlhf_ds.zero3 import gather_bytes
 from rlhf_ds import memory
 from rlhf_ds.hybrid import HybridEngine
@@ -138,6 +139,12 @@ def main() -> None:
     after = {role: digest(getattr(engines, role)) for role in ("actor", "critic", "reference", "reward")}
     result.update(losses=losses, before=before, after=after,
                   lr=[group["lr"] for group in engines.actor.optimizer.param_groups])
+    # Another engine of another stage in the same process (as the bench builds them): it loads by its own stage,
+    # whatever the engines built before it asked transformers for.
+    other_stage = 2 if args.stage == 3 else 3
+    other = build_engine(dataclasses.replace(config, zero_stage=other_stage, ds_config=None), "reference", policy,
+                         engines.hf_ds_configs)
+    result["other_stage_partitioned"] = any(hasattr(p, "ds_id") for p in other.module.parameters())
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)
 

@@ -1,0 +1,28 @@
+"""The rehearsal of the real run (launch/rehearse.py) in its --quick form: the stand-ins of Qwen2-0.5B and
+DeBERTa-v3-large at one layer each (every width, vocabulary and tokenizer type real) train on 2 CPU ranks under
+ZeRO-3 in bf16 (the combination the rest of the suite does not run), resume from their checkpoint and export.
+
+One run of a few minutes; the whole matrix (ZeRO-2/3 x fp32/bf16) is ``python launch/rehearse.py --quick``.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quick_rehearsal_trains_resumes_and_exports_at_the_real_shapes(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "rehearse.py"), "--quick", "--stages", "3",
+                           "--precisions", "bf16", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "[rehearse] zero3_bf16: ok" in proc.stdout
+    run = tmp_path / "zero3_bf16"
+    config = json.loads((run / "config.json").read_text())
+    assert config["precision"] == "bf16" and config["zero_stage"] == 3 and config["gradient_checkpointing"]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # every pair the reward model read was a long dialogue cut from the left to reward_max_len
+    assert all(m["reward_inputs_truncated"] == 1.0 for m in metrics)
+    exported = json.loads((tmp_path / "zero3_bf16_policy" / "config.json").read_text())
+    assert exported["vocab_size"] == 151936 and exported["hidden_size"] == 896 and exported["tie_word_embeddings"]

@@ -5,6 +5,7 @@ Every 2-rank run goes through launch/train.py (tests/dist/run_cli.py adds sample
 with the same small configuration, and is compared with one straight run of it: metrics at every iteration,
 the hash of every rollout's sampled tokens on every rank, and the final policy weights.
 """
+import importlib
 import json
 import os
 import random
@@ -215,7 +216,10 @@ def test_trainer_state_must_belong_to_its_directory(damaged):
         verify_checkpoint(str(moved))
 
 
-def test_export_never_destroys_the_checkpoint_its_run_or_other_files(straight, tmp_path):
+def test_export_never_destroys_the_checkpoint_its_run_or_other_files(straight, tmp_path, capsys):
+    """launch/export.py's main in this process (its command line runs in test_export_cli_matches_...)."""
+    sys.path.insert(0, str(REPO / "launch"))
+    export_cli = importlib.import_module("export")
     ckpt = straight / "checkpoints" / checkpoint_name(ITERATIONS)
     before = sorted(str(p.relative_to(straight)) for p in straight.rglob("*"))
     keep = tmp_path / "mine"
@@ -224,20 +228,21 @@ def test_export_never_destroys_the_checkpoint_its_run_or_other_files(straight, t
     (tmp_path / "a_file").write_text("x")
 
     def export(out, *extra):
-        return subprocess.run([sys.executable, "launch/export.py", str(ckpt), str(out), *extra], cwd=REPO,
-                              capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+        capsys.readouterr()
+        code = export_cli.main([str(ckpt), str(out), *extra])
+        return code, capsys.readouterr().err
 
     for out, needle in ((straight, "would overwrite the"), (ckpt, "would overwrite the"),
                         (ckpt / "policy", "would overwrite the"), (straight / "exported", "would overwrite the run"),
                         (straight.parent, "would overwrite the"), (keep, "is not empty and is not an earlier"),
                         (tmp_path / "a_file", "is a file")):
-        proc = export(out)
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and needle in proc.stderr, (out, proc.stderr)
+        code, err = export(out)
+        assert code == 2 and err.count("\n") == 1 and needle in err, (out, err)
     assert sorted(str(p.relative_to(straight)) for p in straight.rglob("*")) == before
     assert (keep / "notes.txt").read_text() == "do not delete"
-    assert export(tmp_path / "new").returncode == 0
-    assert export(tmp_path / "new").returncode == 0  # an earlier export is replaced without --overwrite
-    assert export(keep, "--overwrite").returncode == 0 and not (keep / "notes.txt").exists()
+    assert export(tmp_path / "new")[0] == 0
+    assert export(tmp_path / "new")[0] == 0  # an earlier export is replaced without --overwrite
+    assert export(keep, "--overwrite")[0] == 0 and not (keep / "notes.txt").exists()
 
 
 def test_a_write_failure_torch_reports_as_runtime_error_is_a_checkpoint_error(tmp_path):

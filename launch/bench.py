@@ -143,7 +143,7 @@ def _main_section(config, engines, prompts, args, figures: dict) -> object:
     response_tokens = figures["response_length"] * config.rollout_batch_size * world
     for phase in PHASES + ("iteration",):
         figures[f"{phase}_tokens_per_s"] = response_tokens / figures[f"{phase}_s"]
-    for phase in PHASES:  # the trainer's own per-phase peaks (rlhf_ds/memory.py), largest over the iterations
+    for phase in PHASES:  # the trainer's own per-phase peaks (rlhf_ds/device_memory.py), largest over the iterations
         figures[f"peak_memory_{phase}_mb"] = max(m[f"peak_memory_{phase}_mb"] for m in history)
     figures["peak_memory_mb"] = max(figures[f"peak_memory_{phase}_mb"] for phase in PHASES)
     # FLOPs of the update: each timed iteration's own (B, L, R), against its own update time.

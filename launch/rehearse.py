@@ -17,7 +17,8 @@ checkpoint. A run passes when its metrics are finite, no rollout was skipped, pr
 (``prompts_truncated``, ``reward_inputs_truncated`` > 0), the resumed iteration continues the KL controller where
 the first run left it, and the export loads as a causal LM with the real vocabulary. One line per run, then a
 table; exit 1 on a failure.
-Logs and outputs stay in ``--out`` (default: a new directory under /tmp).
+Logs and outputs stay in ``--out`` (default: a new directory under /tmp); a passing run's checkpoints (several GB
+each) are deleted once checked and exported, unless ``--keep_checkpoints``.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -136,6 +138,8 @@ def rehearse(args, overrides: list[str]) -> int:
             problems = ([f"exit codes {codes} (train, resume, export): see {log}"] if any(codes)
                         else check_run(out, args.iterations, export_dir))
             failed |= bool(problems)
+            if not problems and not args.keep_checkpoints:  # several GB per run, checked and exported
+                shutil.rmtree(os.path.join(out, "checkpoints"))
             seconds = time.perf_counter() - start
             print(f"[rehearse] {name}: {'FAILED: ' + '; '.join(problems) if problems else 'ok'} ({seconds:.0f} s)",
                   flush=True)
@@ -145,11 +149,20 @@ def rehearse(args, overrides: list[str]) -> int:
     return 1 if failed else 0
 
 
+def memory_comparison(out: str) -> dict[str, tuple[float, float]]:
+    """phase -> (measured, predicted) peak MiB per rank: the last iteration's per-phase peaks (the largest over
+    the ranks) against the memory plan the run saved before loading (``run_info.json``, ``rlhf_ds.memory``)."""
+    last = json.loads(open(os.path.join(out, "metrics.jsonl")).read().splitlines()[-1])
+    planned = json.load(open(os.path.join(out, "run_info.json")))["memory_plan"]["predicted_peak_mb"]
+    return {phase: (last[f"peak_memory_{phase}_mb"], planned[phase]) for phase in planned}
+
+
 def format_table(rows: list, ranks: int, layers: int) -> str:
-    """One line per run: verdict, wall time, and the last iteration's seconds, peak memory and reward figures."""
-    lines = [f"rehearsal: {ranks} rank(s), stand-ins at {layers} of 24 layers",
-             f"  {'run':<12} {'verdict':<7} {'wall s':>7} {'iter s':>7} {'gen MiB':>8} {'exp MiB':>8} "
-             f"{'upd MiB':>8} {'score':>7} {'KL':>8} {'cut':>5}"]
+    """One line per run: verdict, wall time, and the last iteration's seconds, peak memory per phase measured and
+    as the memory plan predicted it, and reward figures."""
+    lines = [f"rehearsal: {ranks} rank(s), stand-ins at {layers} of 24 layers; peak MiB per rank measured/predicted",
+             f"  {'run':<12} {'verdict':<7} {'wall s':>7} {'iter s':>7} {'generation':>12} {'experience':>12} "
+             f"{'update':>12} {'score':>7} {'KL':>8} {'cut':>5}"]
     for name, problems, seconds, out in rows:
         path = os.path.join(out, "metrics.jsonl")
         last = json.loads(open(path).read().splitlines()[-1]) if os.path.isfile(path) else {}
@@ -157,10 +170,10 @@ def format_table(rows: list, ranks: int, layers: int) -> str:
             lines.append(f"  {name:<12} {'FAILED':<7} {seconds:7.0f}")
             continue
         iteration_s = sum(last[f"time_{p}_s"] for p in ("generation", "experience", "update"))
-        lines.append(f"  {name:<12} {'FAILED' if problems else 'ok':<7} {seconds:7.0f} {iteration_s:7.1f} "
-                     f"{last['peak_memory_generation_mb']:8.0f} {last['peak_memory_experience_mb']:8.0f} "
-                     f"{last['peak_memory_update_mb']:8.0f} {last['score_mean']:7.3f} {last['kl_divergence']:8.4f} "
-                     f"{last['reward_inputs_truncated']:5.2f}")
+        peaks = "".join(f" {measured:6.0f}/{predicted:<5.0f}" for measured, predicted in
+                        memory_comparison(out).values())
+        lines.append(f"  {name:<12} {'FAILED' if problems else 'ok':<7} {seconds:7.0f} {iteration_s:7.1f}{peaks} "
+                     f"{last['score_mean']:7.3f} {last['kl_divergence']:8.4f} {last['reward_inputs_truncated']:5.2f}")
     return "\n".join(lines)
 
 
@@ -175,6 +188,8 @@ def main(argv: list[str]) -> int:
                         "--quick 1)")
     parser.add_argument("--quick", action="store_true", help="1 layer, short dialogues, 8 new tokens")
     parser.add_argument("--out", help="directory for the runs (default: a new one under /tmp)")
+    parser.add_argument("--keep_checkpoints", action="store_true", help="keep a passing run's checkpoints (by "
+                        "default deleted once checked and exported: several GB per run)")
     args, overrides = parser.parse_known_args(argv)
     args.layers = args.layers or (1 if args.quick else 2)
     args.iterations = args.iterations or (1 if args.quick else 2)

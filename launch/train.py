@@ -23,12 +23,14 @@ def prepare(config: PPOConfig):
     """Everything before the first iteration, cheapest checks first: the output directory, trackers, prompts,
     model paths and kinds, the DeepSpeed configs and the checkpoint to resume are checked before any model loads;
     then the engines and the trainer. Returns the trainer. Every known failure is an exception whose message is
-    one line (``main`` prints it, ``errors.fail``); all ranks meet the same failure at the same point."""
+    one line (``main`` prints it, ``errors.fail``); all ranks meet the same failure at the same point. Rank 0 prints
+    the memory plan (``rlhf_ds.memory``) before loading, with a warning when it predicts more than the device has."""
     from rlhf_ds.checkpoint import check_resume_config, find_checkpoint, verify_checkpoint
     from rlhf_ds.data import PromptLoader, load_prompts
     from rlhf_ds.distributed import barrier, get_rank, get_world_size, init_distributed, is_main_process
     from rlhf_ds.catalog import resolve_model_paths
     from rlhf_ds.engines import ROLES, build_ds_config, build_engines, describe_placement
+    from rlhf_ds.memory import plan_this_run
     from rlhf_ds.models import check_model_source
     from rlhf_ds.tracking import check_output_dir, check_trackers, clear_previous_run, write_run_info
     from rlhf_ds.trainer import PPOTrainer
@@ -52,12 +54,13 @@ def prepare(config: PPOConfig):
         removed = clear_previous_run(config.output_dir)
         if removed:
             print(f"overwrite_output_dir: deleted {', '.join(removed)} of the previous run in {config.output_dir}")
+    memory_plan = plan_this_run(config, world_size) if is_main_process() else None
     barrier()
     engines = build_engines(config, policy, critic, reward)
     if is_main_process():
         os.makedirs(config.output_dir, exist_ok=True)
         config.save(os.path.join(config.output_dir, "config.json"))
-        write_run_info(config, world_size)
+        write_run_info(config, world_size, memory_plan=memory_plan)
         print(f"rlhf-ds: {world_size} rank(s); effective config (saved to {config.output_dir}/config.json):")
         print(config.describe())
         print(f"models: policy {policy}, critic {critic}, reward {reward}")

@@ -38,18 +38,44 @@ def resolve_model_paths(config) -> tuple[str, str, str]:
     verified once per call (hashing a full-depth stand-in takes seconds).
     """
     built: dict = {}
+    return tuple(_resolve(name, role, built) for name, role in _models(config))
 
-    def resolve(name: str, role: str) -> str:
-        if name == EMBEDDED:
-            models = built.get(EMBEDDED) or built.setdefault(EMBEDDED, embedded.build())
-            return models.policy if role == "policy" else models.reward
+
+def model_configs(config) -> tuple:
+    """(policy, critic, reward) transformers configs of a PPOConfig's models, for the memory planner, without
+    loading any weights: a stand-in's config is made (``standins.policy_config``), not built; the embedded default
+    is built (seconds, cached); anything else is read with ``AutoConfig`` (a hub name fetches only its
+    config.json)."""
+    from transformers import AutoConfig
+
+    built: dict = {}
+
+    def config_of(name: str, role: str):
         standin = parse_standin(name)
-        if standin is None:
-            return name
-        base, layers = standin
-        models = built.get(layers) or built.setdefault(layers, standins.build_standins(
-            standins.ShapeRecipe(policy_layers=layers, reward_layers=layers)))
-        return models.policy if base == standins.POLICY_STANDIN else models.reward
+        if standin is not None:
+            base, layers = standin
+            return standins.policy_config(layers) if base == standins.POLICY_STANDIN else standins.reward_config(layers)
+        return AutoConfig.from_pretrained(_resolve(name, role, built), trust_remote_code=config.trust_remote_code)
 
-    return (resolve(config.policy_model, "policy"), resolve(config.critic_model or config.policy_model, "policy"),
-            resolve(config.reward_model, "reward"))
+    return tuple(config_of(name, role) for name, role in _models(config))
+
+
+def _models(config) -> list[tuple[str, str]]:
+    """(name, role) of the policy, the critic (the policy's name when unset) and the reward model."""
+    return [(config.policy_model, "policy"), (config.critic_model or config.policy_model, "policy"),
+            (config.reward_model, "reward")]
+
+
+def _resolve(name: str, role: str, built: dict) -> str:
+    """The loadable path of ``name`` in ``role`` ("policy" or "reward"), building it into ``built`` (shared by
+    the calls of one resolution, so each build is verified once)."""
+    if name == EMBEDDED:
+        models = built.get(EMBEDDED) or built.setdefault(EMBEDDED, embedded.build())
+        return models.policy if role == "policy" else models.reward
+    standin = parse_standin(name)
+    if standin is None:
+        return name
+    base, layers = standin
+    models = built.get(layers) or built.setdefault(layers, standins.build_standins(
+        standins.ShapeRecipe(policy_layers=layers, reward_layers=layers)))
+    return models.policy if base == standins.POLICY_STANDIN else models.reward

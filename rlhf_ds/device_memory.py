@@ -1,5 +1,6 @@
-"""Device memory: how much is free now (for the ZeRO-3 generation gather) and the peak of one phase (for the
-trainer's per-phase metrics and the benchmark).
+"""Device memory as measured: how much is free now (for the ZeRO-3 generation gather), how much a device has and
+the process holds (for the memory planner, ``rlhf_ds/memory.py``), and the peak of one phase (for the trainer's
+per-phase metrics and the benchmark).
 
 GPU: torch's caching allocator (``max_memory_allocated``, reset per phase). CPU: the process's resident set;
 its high-water mark (``VmHWM``) is reset per phase through ``/proc/self/clear_refs`` on Linux, which resets
@@ -33,6 +34,21 @@ def free_bytes(device: torch.device) -> int:
     return get_accelerator().available_memory(device.index)
 
 
+def capacity_bytes(device: torch.device) -> int:
+    """Bytes one rank may plan to use: a GPU's total memory; on a CPU, the host's available memory split between
+    the ranks on it (``free_bytes``)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return free_bytes(device)
+
+
+def resident_bytes() -> int:
+    """The process's resident set now (``VmRSS``), what the process itself holds before any model loads; where
+    ``/proc`` is missing, its peak so far (``ru_maxrss``)."""
+    match = re.search(r"^VmRSS:\s+(\d+) kB", _read(_STATUS), re.MULTILINE) if os.path.exists(_STATUS) else None
+    return int(match.group(1)) * 1024 if match else int(_max_rss_mb() * 2**20)
+
+
 def reset_peak(device: torch.device) -> None:
     """Start a new peak: the next ``peak_mb`` covers only what happens from here on."""
     if device.type == "cuda":
@@ -46,10 +62,15 @@ def peak_mb(device: torch.device) -> float:
     """Peak memory since the last ``reset_peak`` (process start if none), in MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    if os.path.exists(_STATUS):
-        with open(_STATUS) as fh:
-            match = re.search(r"^VmHWM:\s+(\d+) kB", fh.read(), re.MULTILINE)
-        if match:
-            return int(match.group(1)) / 1024
+    match = re.search(r"^VmHWM:\s+(\d+) kB", _read(_STATUS), re.MULTILINE) if os.path.exists(_STATUS) else None
+    return int(match.group(1)) / 1024 if match else _max_rss_mb()
+
+
+def _read(path: str) -> str:
+    with open(path) as fh:
+        return fh.read()
+
+
+def _max_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / 2**20 if os.uname().sysname == "Darwin" else peak / 1024

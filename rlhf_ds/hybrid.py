@@ -9,7 +9,7 @@ faster than partitioned generation, with identical tokens (docs/PERFORMANCE.md h
 partitioned path stays available for benchmarks and for models too big to gather on one device:
 ``zero3_generation`` chooses "gathered", "partitioned", or "auto" (the default), which gathers only when the
 whole actor plus the generation's KV cache and working set (``generation_memory_bytes``) fits in every rank's
-free memory (``memory.free_bytes``) and otherwise generates partitioned for that call, with a warning and a
+free memory (``device_memory.free_bytes``) and otherwise generates partitioned for that call, with a warning and a
 count (``partitioned_calls``).
 
 The no-grad ZeRO-3 tools it uses (gathering once, torch's own linear, the engine's hooks off) live in
@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from rlhf_ds import memory
+from rlhf_ds import device_memory
 from rlhf_ds.config import ZERO3_GENERATION
 from rlhf_ds.distributed import any_rank, is_main_process
 from rlhf_ds.models import kv_cache_bytes_per_token
@@ -79,7 +79,7 @@ class HybridEngine:
         module = self.engine.module
         need = gather_bytes(module) + generation_memory_bytes(module.config, module.dtype, *input_ids.shape,
                                                               self.sampler.sampling.max_new_tokens)
-        free = memory.free_bytes(input_ids.device)
+        free = device_memory.free_bytes(input_ids.device)
         if not any_rank(need > free, input_ids.device):
             return "gathered"
         if self.partitioned_calls == 0 and is_main_process():

@@ -202,20 +202,22 @@ def build_deberta_v3_tokenizer(texts: list[str]):
 
 
 # --- models ---------------------------------------------------------------------------------------------------
-def policy_config(layers: int, tokenizer):
+def policy_config(layers: int):
     """Qwen2-0.5B's config with ``layers`` decoder layers (and as many ``max_window_layers``), every other value
-    exact; EOS and padding are the tokenizer's <|endoftext|> (151643), as is BOS in the real config."""
+    exact; EOS and padding are <|endoftext|>, the first id after the regular tokens (151643, as in the real
+    tokenizer, ``build_qwen2_tokenizer``), as is BOS in the real config."""
     full = qwen2_0_5b_config()
     return tiny_qwen2_config(vocab_size=full.vocab_size, bos_token_id=full.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=QWEN2_REGULAR_TOKENS, pad_token_id=QWEN2_REGULAR_TOKENS,
                              hidden_size=full.hidden_size, num_layers=layers, num_heads=full.num_attention_heads,
                              num_kv_heads=full.num_key_value_heads, intermediate_size=full.intermediate_size,
                              max_position_embeddings=full.max_position_embeddings)
 
 
-def reward_config(layers: int, tokenizer):
+def reward_config(layers: int):
     """DeBERTa-v3-large's config with ``layers`` encoder layers and one output logit; pooler as in the real one."""
-    config = tiny_deberta_config(pad_token_id=tokenizer.pad_token_id, num_layers=layers, **_DEBERTA_V3_LARGE)
+    config = tiny_deberta_config(pad_token_id=DEBERTA_V3_SPECIALS.index("[PAD]"), num_layers=layers,
+                                 **_DEBERTA_V3_LARGE)
     config.pooler_hidden_size = _DEBERTA_V3_LARGE["hidden_size"]
     config.pooler_dropout, config.pooler_hidden_act = 0.0, "gelu"
     return config
@@ -254,7 +256,7 @@ def save_standins(recipe: ShapeRecipe, out: Path) -> dict:
              recipe.reward_layers)):
         start = time.time()
         tokenizer = build_tokenizer(texts)
-        facts["parameters"][name] = save_random_model(model_class, make_config(layers, tokenizer), tokenizer,
+        facts["parameters"][name] = save_random_model(model_class, make_config(layers), tokenizer,
                                                       recipe.seed, out / name)
         facts["timings"][f"{name}_s"] = round(time.time() - start, 2)
     return facts

@@ -297,8 +297,9 @@ def package_versions() -> dict[str, Optional[str]]:
     return versions
 
 
-def write_run_info(config: PPOConfig, world_size: int) -> str:
-    """Write ``output_dir/run_info.json`` (what produced this run) atomically; returns its path."""
+def write_run_info(config: PPOConfig, world_size: int, memory_plan: dict | None = None) -> str:
+    """Write ``output_dir/run_info.json`` (what produced this run, and the memory it was predicted to need:
+    ``memory.MemoryPlan.summary``) atomically; returns its path."""
     revision, dirty = git_revision(os.path.dirname(os.path.abspath(__file__)))
     info = {
         "versions": package_versions(),
@@ -308,6 +309,7 @@ def write_run_info(config: PPOConfig, world_size: int) -> str:
         "world_size": world_size,
         "hostname": socket.gethostname(),
         "start_time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "memory_plan": memory_plan,
     }
     os.makedirs(config.output_dir, exist_ok=True)
     path = os.path.join(config.output_dir, "run_info.json")

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from rlhf_ds import memory, ppo
+from rlhf_ds import device_memory, ppo
 from rlhf_ds.checkpoint import export_model, load_checkpoint, save_checkpoint
 from rlhf_ds.config import PPOConfig
 from rlhf_ds.data import PromptCollator, PromptLoader
@@ -36,20 +36,20 @@ class TrainingError(KnownError, RuntimeError):
 
 
 class PhaseMeter:
-    """Wall-clock seconds and peak memory (MiB, see ``memory.peak_mb``) per phase of one iteration."""
+    """Wall-clock seconds and peak memory (MiB, see ``device_memory.peak_mb``) per phase of one iteration."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.seconds: dict[str, float] = {}
         self.peak_mb: dict[str, float] = {}
-        memory.reset_peak(device)
+        device_memory.reset_peak(device)
         self._start = time.perf_counter()
 
     def lap(self, phase: str) -> None:
         now = time.perf_counter()
         self.seconds[f"time_{phase}_s"] = now - self._start
-        self.peak_mb[f"peak_memory_{phase}_mb"] = memory.peak_mb(self.device)
-        memory.reset_peak(self.device)
+        self.peak_mb[f"peak_memory_{phase}_mb"] = device_memory.peak_mb(self.device)
+        device_memory.reset_peak(self.device)
         self._start = now
 
 

@@ -1,6 +1,7 @@
 """The rehearsal of the real run (launch/rehearse.py) in its --quick form: the stand-ins of Qwen2-0.5B and
 DeBERTa-v3-large at one layer each (every width, vocabulary and tokenizer type real) train on 2 CPU ranks under
-ZeRO-3 in bf16 (the combination the rest of the suite does not run), resume from their checkpoint and export.
+ZeRO-3 in bf16 (the combination the rest of the suite does not run), resume from their checkpoint and export; the
+memory plan each run printed and saved before loading predicts the per-phase peaks it then measured.
 
 One run of a few minutes; the whole matrix (ZeRO-2/3 x fp32/bf16) is ``python launch/rehearse.py --quick``.
 """
@@ -10,6 +11,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "launch"))
+
+from rehearse import memory_comparison  # noqa: E402
 
 
 def test_quick_rehearsal_trains_resumes_and_exports_at_the_real_shapes(tmp_path):
@@ -26,3 +30,7 @@ def test_quick_rehearsal_trains_resumes_and_exports_at_the_real_shapes(tmp_path)
     assert all(m["reward_inputs_truncated"] == 1.0 for m in metrics)
     exported = json.loads((tmp_path / "zero3_bf16_policy" / "config.json").read_text())
     assert exported["vocab_size"] == 151936 and exported["hidden_size"] == 896 and exported["tie_word_embeddings"]
+    # the memory planner (rlhf_ds/memory.py) against the resumed iteration's measured peaks: within 15% per phase
+    assert "memory plan:" in (run.parent / "zero3_bf16.log").read_text()
+    for phase, (measured, predicted) in memory_comparison(str(run)).items():
+        assert abs(predicted - measured) <= 0.15 * measured, (phase, measured, predicted)

@@ -23,7 +23,7 @@ from rlhf_ds.config import PPOConfig
 from rlhf_ds.distributed import exit_process, get_rank
 from rlhf_ds.engines import build_engine, build_engines
 from rlhf_ds.zero3 import gather_bytes
-from rlhf_ds import memory
+from rlhf_ds import device_memory
 from rlhf_ds.hybrid import HybridEngine
 from rlhf_ds.models import position_ids_from_mask
 from rlhf_ds.sampling import Sampling
@@ -112,13 +112,13 @@ def main() -> None:
         result["naive_sequences"] = naive.tolist()
         result["naive_response_mask"] = naive_mask.tolist()
         # "auto" when rank 1 alone reports no free memory: both ranks must agree to generate partitioned.
-        free_bytes = memory.free_bytes
-        memory.free_bytes = lambda device: 0 if rank == 1 else free_bytes(device)
+        free_bytes = device_memory.free_bytes
+        device_memory.free_bytes = lambda device: 0 if rank == 1 else free_bytes(device)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             fallback, _ = hybrid.generate(batch["input_ids"], batch["attention_mask"],
                                           generator_seed=GENERATION_SEED + rank)
-        memory.free_bytes = free_bytes
+        device_memory.free_bytes = free_bytes
         result.update(fallback_sequences=fallback.tolist(), fallback_generation=hybrid.last_generation,
                       fallback_calls=hybrid.partitioned_calls, fallback_warnings=[str(w.message) for w in caught
                                                         if "zero3_generation" in str(w.message)])

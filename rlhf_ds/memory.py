@@ -116,13 +116,13 @@ def model_shape(hf_config, role: str) -> ModelShape:
 
     model_class = {"policy": AutoModelForCausalLM, "critic": AutoModel,
                    "reward": AutoModelForSequenceClassification}[role]
-    with torch.device("meta"):
-        model = model_class.from_config(hf_config)
     missing = [f for f in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                            "vocab_size") if not isinstance(getattr(hf_config, f, None), int)]
     if missing:
         raise PlanError(f"the {role} model's config ({type(hf_config).__name__}) has no {', '.join(missing)}: the "
                         "memory planner knows decoder and encoder transformers that name their sizes that way")
+    with torch.device("meta"):
+        model = model_class.from_config(hf_config)
     numels = tuple(p.numel() for p in model.parameters())
     if role == "critic":
         numels += (hf_config.hidden_size, 1)

@@ -131,3 +131,10 @@ def test_trainer_warns_before_loading_when_the_plan_does_not_fit(monkeypatch, ca
     out, err = capsys.readouterr()
     assert summary["fits"] is False and "does not fit" in out
     assert "warning: the memory plan predicts" in err
+
+
+def test_an_architecture_without_the_sizes_it_reads_is_a_plan_error():
+    from transformers import GPT2Config
+
+    with pytest.raises(memory.PlanError, match="GPT2Config. has no intermediate_size"):
+        memory.model_shape(GPT2Config(n_layer=1, n_embd=8, n_head=2), "policy")

@@ -109,9 +109,16 @@ def test_straight_run_keeps_complete_checkpoints_and_latest(straight):
     assert {p.name for p in (root / checkpoint_name(2) / "rng").iterdir()} == {"rank_00000.pt", "rank_00001.pt"}
 
 
-def test_sigkill_during_save_keeps_previous_checkpoint_and_resume_is_exact(straight, tmp_path):
-    rc, out = run(tmp_path, "kill@2")  # killed while writing the iteration-4 checkpoint
-    assert rc != 0, out[-3000:]
+def test_sigkill_mid_run_then_during_save_keeps_the_last_checkpoint_and_resume_is_exact(straight, tmp_path):
+    """One run killed twice, then finished: SIGKILL to the whole job during iteration 3 (checkpoint 2 complete),
+    then the resumed job SIGKILLed while it writes checkpoint 4 (its first save); the last resume must give the
+    straight run bit for bit."""
+    proc = start(tmp_path)
+    wait_for_lines(tmp_path / "metrics.jsonl", 3, proc)  # iteration 2 logged: checkpoint 2 is complete
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    rc, out = run(tmp_path, "kill@1", "--resume", "auto")  # killed while writing the iteration-4 checkpoint
+    assert rc != 0 and f"resumed from {tmp_path / 'checkpoints' / checkpoint_name(2)}" in out, out[-3000:]
     assert (tmp_path / "checkpoints" / "latest").read_text() == checkpoint_name(2)
     assert not (tmp_path / "checkpoints" / checkpoint_name(4)).exists()
     rc, out = run(tmp_path, "none", "--resume", "auto", "--keep_checkpoints", "1")
@@ -119,16 +126,6 @@ def test_sigkill_during_save_keeps_previous_checkpoint_and_resume_is_exact(strai
     assert f"resumed from {tmp_path / 'checkpoints' / checkpoint_name(2)} at iteration 2" in out
     assert_same_run(tmp_path, straight)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [checkpoint_name(4), "latest"]
-
-
-def test_sigkill_mid_run_then_resume_is_exact(straight, tmp_path):
-    proc = start(tmp_path)
-    wait_for_lines(tmp_path / "metrics.jsonl", 3, proc)  # iteration 2 logged: checkpoint 2 is complete
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
-    rc, out = run(tmp_path, "none", "--resume", "auto")
-    assert rc == 0, out[-6000:]
-    assert_same_run(tmp_path, straight)
 
 
 def test_sigterm_finishes_the_iteration_saves_and_exits_zero(straight, tmp_path):
@@ -182,7 +179,7 @@ def test_missing_rank_shard_is_named_by_the_cli(damaged, tmp_path):
 
 @pytest.mark.parametrize("target", ["actor/state/mp_rank_00_model_states.pt",
                                     "critic/state/zero_pp_rank_1_mp_rank_00_optim_states.pt", "trainer_state.json"])
-def test_one_changed_byte_is_refused_by_resume_export_and_evaluation(damaged, tmp_path, target):
+def test_one_changed_byte_is_refused_by_resume_export_and_evaluation(damaged, tmp_path, target, capsys):
     """A flipped byte in a weight or optimizer shard (torch.load does not verify its zip checksums) or a
     same-size edit of trainer_state.json: the size is right, the sha256 is not."""
     path = damaged / target
@@ -197,15 +194,19 @@ def test_one_changed_byte_is_refused_by_resume_export_and_evaluation(damaged, tm
         verify_checkpoint(str(damaged))
     if target != "trainer_state.json":
         return  # the entry points all go through verify_checkpoint: one damaged file is enough to see each refuse
-    for command in (["launch/export.py", str(damaged), str(tmp_path / "out")],
-                    ["launch/evaluate.py", "--policy", str(damaged), "--output_dir", str(tmp_path / "eval")],
-                    ["launch/train.py", *RUN_ARGS, "--output_dir", str(tmp_path / "resumed"), "--resume",
-                     str(damaged)]):
-        proc = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True,
-                              timeout=LAUNCH_TIMEOUT_S)
-        assert proc.returncode == 2, (command, proc.stderr[-3000:])
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and "does not match its sha256" in errors[0] and "Traceback" not in proc.stderr
+    sys.path.insert(0, str(REPO / "launch"))
+    for cli, argv in (("export", [str(damaged), str(tmp_path / "out")]),  # their main in this process
+                      ("evaluate", ["--policy", str(damaged), "--output_dir", str(tmp_path / "eval")])):
+        capsys.readouterr()
+        assert importlib.import_module(cli).main(argv) == 2, cli
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.splitlines()) == 1 and "does not match its sha256" in err, err
+    proc = subprocess.run([sys.executable, "launch/train.py", *RUN_ARGS, "--output_dir", str(tmp_path / "resumed"),
+                           "--resume", str(damaged)], cwd=REPO, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "does not match its sha256" in errors[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
 
 

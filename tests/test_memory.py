@@ -104,22 +104,29 @@ def test_parameter_counts_are_those_of_the_loaded_models(tmp_path):
         assert memory.model_shape(AutoConfig.from_pretrained(path), role).params == loaded, role
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "rlhf_ds.memory", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+def run_cli(capsys, *args):
+    """``python -m rlhf_ds.memory ARGS`` in this process (its ``__main__`` is ``run_main(main)``): (exit code,
+    stdout, stderr)."""
+    from rlhf_ds.errors import run_main
+
+    code = run_main(lambda: memory.main(list(args)))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_cli_plans_the_real_run_and_says_what_fits():
+def test_cli_plans_the_real_run_and_says_what_fits(capsys):
     real = ["--config", os.path.join(REPO, "launch", "configs", "qwen2_hh.yaml"), "--policy_model",
             "qwen2-0.5b-shape", "--critic_model", "qwen2-0.5b-shape", "--reward_model", "deberta-v3-large-shape"]
-    fits = run_cli(*real, "--gpus", "8", "--gpu_memory", "80GiB")
-    assert fits.returncode == 0, fits.stderr
-    assert "8 rank(s), ZeRO-2, bfloat16" in fits.stdout and "fits: peak" in fits.stdout
+    code, out, err = run_cli(capsys, *real, "--gpus", "8", "--gpu_memory", "80GiB")
+    assert code == 0, err
+    assert "8 rank(s), ZeRO-2, bfloat16" in out and "fits: peak" in out
     for phase in memory.PHASES:
-        assert phase in fits.stdout
-    too_small = run_cli(*real, "--gpus", "1", "--gpu_memory", "4GiB")
-    assert too_small.returncode == 1 and "does not fit" in too_small.stdout
-    bad = run_cli(*real, "--gpu_memory", "lots")
+        assert phase in out
+    code, out, _ = run_cli(capsys, *real, "--gpus", "1", "--gpu_memory", "4GiB")
+    assert code == 1 and "does not fit" in out
+    # the module's own entry point, once: a bad value is one line and exit code 2
+    bad = subprocess.run([sys.executable, "-m", "rlhf_ds.memory", *real, "--gpu_memory", "lots"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --gpu_memory 'lots'")
 
 

@@ -5,7 +5,6 @@ Every 2-rank run goes through launch/train.py (tests/dist/run_cli.py adds sample
 with the same small configuration, and is compared with one straight run of it: metrics at every iteration,
 the hash of every rollout's sampled tokens on every rank, and the final policy weights.
 """
-import importlib
 import json
 import os
 import random
@@ -26,7 +25,7 @@ from rlhf_ds.checkpoint import (CheckpointError, check_resume_config, checkpoint
                                 find_checkpoint, rng_state, set_rng_state, verify_checkpoint)
 from rlhf_ds.config import ConfigError, PPOConfig
 from rlhf_ds.distributed import free_port
-from test_distributed import LAUNCH_TIMEOUT_S, RANKS, REPO, prepare_training_runs
+from test_distributed import LAUNCH_TIMEOUT_S, RANKS, REPO, launch_script, prepare_training_runs
 
 ITERATIONS = 4
 RUN_ARGS = ["--iterations", str(ITERATIONS), "--save_interval", "2", "--rollout_batch_size", "4",
@@ -194,11 +193,10 @@ def test_one_changed_byte_is_refused_by_resume_export_and_evaluation(damaged, tm
         verify_checkpoint(str(damaged))
     if target != "trainer_state.json":
         return  # the entry points all go through verify_checkpoint: one damaged file is enough to see each refuse
-    sys.path.insert(0, str(REPO / "launch"))
     for cli, argv in (("export", [str(damaged), str(tmp_path / "out")]),  # their main in this process
                       ("evaluate", ["--policy", str(damaged), "--output_dir", str(tmp_path / "eval")])):
         capsys.readouterr()
-        assert importlib.import_module(cli).main(argv) == 2, cli
+        assert launch_script(cli).main(argv) == 2, cli
         err = capsys.readouterr().err
         assert err.startswith("error: ") and len(err.splitlines()) == 1 and "does not match its sha256" in err, err
     proc = subprocess.run([sys.executable, "launch/train.py", *RUN_ARGS, "--output_dir", str(tmp_path / "resumed"),
@@ -219,8 +217,7 @@ def test_trainer_state_must_belong_to_its_directory(damaged):
 
 def test_export_never_destroys_the_checkpoint_its_run_or_other_files(straight, tmp_path, capsys):
     """launch/export.py's main in this process (its command line runs in test_export_cli_matches_...)."""
-    sys.path.insert(0, str(REPO / "launch"))
-    export_cli = importlib.import_module("export")
+    export_cli = launch_script("export")
     ckpt = straight / "checkpoints" / checkpoint_name(ITERATIONS)
     before = sorted(str(p.relative_to(straight)) for p in straight.rglob("*"))
     keep = tmp_path / "mine"

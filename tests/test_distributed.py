@@ -47,6 +47,14 @@ def prepare_training_runs() -> None:
     build()
 
 
+def launch_script(name: str):
+    """launch/<name>.py as a module, loaded by its path (a package of the same name cannot shadow it)."""
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def launch(script: str, out_dir: Path, *args: str) -> list[dict]:
     """Run tests/dist/<script> on RANKS ranks with the deepspeed launcher; return each rank's JSON."""
     prebuild_deepspeed_ops()

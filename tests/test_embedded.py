@@ -118,12 +118,9 @@ def test_corpus_prompts_cover_held_out_test_split():
 def test_sft_and_reward_clis_train_any_hf_model_on_hh_files(tmp_path, capsys):
     """launch/train_sft.py and launch/train_reward.py on a local HH jsonl: they run, save, and load back (their
     ``main`` in this process; the ``__main__`` lines are ``sys.exit(main(sys.argv[1:]))``)."""
-    import importlib
-    import sys
-    from pathlib import Path
+    from test_distributed import launch_script
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
-    train_sft, train_reward = importlib.import_module("train_sft"), importlib.import_module("train_reward")
+    train_sft, train_reward = launch_script("train_sft"), launch_script("train_reward")
     train_models(TINY).save(tmp_path / "base")
     data = tmp_path / "hh.jsonl"
     data.write_text("\n".join(json.dumps({"chosen": r["chosen"], "rejected": r["rejected"]})

@@ -10,6 +10,8 @@ never influence a statistic or a loss.
 import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
+GROUP_STD_EPS = 1e-6  # added to a group's std (GRPO), so a group of equal rewards gets advantage 0, not nan
 WHITEN_EPS = 1e-8  # added to the variance before rsqrt, so a constant batch whitens to 0 instead of nan
 
 
@@ -178,6 +180,73 @@ def gae(rewards, values, mask, gamma, lam):
         next_value = values[:, t]
     advantages = torch.stack(advantages_reversed[::-1], dim=1)
     return advantages, advantages + values
+
+
+def _groups(rewards, group_size):
+    """(B,) -> (B / n, n): rows g*n .. g*n + n - 1 are the n samples of one prompt (the trainer keeps them
+    together, on one rank). A group needs n >= 2 samples to have a baseline."""
+    if group_size < 2 or rewards.shape[0] % group_size:
+        raise ValueError(f"{rewards.shape[0]} rows cannot form groups of {group_size} (need n >= 2 dividing B)")
+    return rewards.reshape(-1, group_size)
+
+
+def _per_token(sequence_advantages, mask):
+    """(B,) -> (B, T): each row's advantage on its valid tokens, 0 on padding."""
+    return torch.where(mask.bool(), sequence_advantages.unsqueeze(1), 0).to(sequence_advantages.dtype)
+
+
+@torch.no_grad()
+def grpo_advantages(rewards, mask, group_size, eps=GROUP_STD_EPS):
+    """GRPO (Shao et al. 2024): each sample's reward standardised within its prompt's group, on every token.
+
+    rewards: (B,) sequence rewards, mask: (B, T) -> (B, T). A_i = (r_i - mean_g) / (std_g + eps), where the
+    std is the sample std of the group (Bessel's correction, n - 1), as DeepSeekMath and TRL compute it.
+    The group replaces the critic as baseline; the KL to the reference is a loss term (``kl_loss``) unless
+    the trainer folds it into the rewards.
+    """
+    groups = _groups(rewards, group_size)
+    standardised = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)
+    return _per_token(standardised.reshape(-1), mask)
+
+
+@torch.no_grad()
+def rloo_advantages(rewards, mask, group_size):
+    """RLOO (Ahmadian et al. 2024): each sample's reward minus the mean of the other n - 1 in its group.
+
+    rewards: (B,) sequence rewards, mask: (B, T) -> (B, T). A_i = r_i - (sum_g - r_i) / (n - 1): a baseline
+    independent of the sample it judges, so the estimate stays unbiased.
+    """
+    groups = _groups(rewards, group_size)
+    leave_one_out = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return _per_token((groups - leave_one_out).reshape(-1), mask)
+
+
+@torch.no_grad()
+def reinforce_pp_returns(rewards, mask, gamma):
+    """REINFORCE++ (Hu 2025) before its whitening: discounted returns of the KL-shaped per-token rewards.
+
+    rewards, mask: (B, T) -> (B, T), G_t = sum_{k >= t} gamma^(k - t) r_k over valid tokens, 0 on padding.
+    No critic and no group: the trainer whitens these over the global batch (``distributed.global_masked_whiten``)
+    and uses them as advantages.
+    """
+    mask = mask.bool()
+    rewards = torch.where(mask, rewards, 0)
+    running = torch.zeros_like(rewards[:, 0])
+    returns_reversed = []
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns_reversed.append(running)
+    return torch.where(mask, torch.stack(returns_reversed[::-1], dim=1), 0)
+
+
+def kl_loss(logprobs, ref_logprobs, mask, kl_coef, estimator="k3", num_tokens=None):
+    """The KL to the reference as a loss term (GRPO's way; the rewards then carry no KL penalty).
+
+    logprobs (with grad), ref_logprobs, mask: (B, T) -> scalar, kl_coef * token_mean(kl_penalty(...)). k3 by
+    default: non-negative, unbiased, and its gradient pulls each sampled token's probability toward the
+    reference's.
+    """
+    return kl_coef * token_mean(kl_penalty(logprobs, ref_logprobs, estimator), mask, num_tokens)
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_range, num_tokens=None):

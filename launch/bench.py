@@ -147,7 +147,8 @@ def _main_section(config, engines, prompts, args, figures: dict) -> object:
         figures[f"peak_memory_{phase}_mb"] = max(m[f"peak_memory_{phase}_mb"] for m in history)
     figures["peak_memory_mb"] = max(figures[f"peak_memory_{phase}_mb"] for phase in PHASES)
     # FLOPs of the update: each timed iteration's own (B, L, R), against its own update time.
-    flops = [benchmark.update_flops(engines.actor.module, engines.critic.module, b, length, r, config.ppo_epochs)
+    flops = [benchmark.update_flops(engines.actor.module, None if engines.critic is None else engines.critic.module,
+                                    b, length, r, config.ppo_epochs)
              for b, length, r in shapes]
     figures["update_gflop"] = statistics.mean(flops) / 1e9
     dtype = next(engines.actor.module.parameters()).dtype

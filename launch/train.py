@@ -29,7 +29,7 @@ def prepare(config: PPOConfig):
     from rlhf_ds.data import PromptLoader, load_prompts
     from rlhf_ds.distributed import barrier, get_rank, get_world_size, init_distributed, is_main_process
     from rlhf_ds.catalog import resolve_model_paths
-    from rlhf_ds.engines import ROLES, build_ds_config, build_engines, describe_placement
+    from rlhf_ds.engines import build_ds_config, build_engines, describe_placement, engine_roles
     from rlhf_ds.memory import plan_this_run
     from rlhf_ds.models import check_model_source
     from rlhf_ds.tracking import check_output_dir, check_trackers, clear_previous_run, write_run_info
@@ -40,12 +40,13 @@ def prepare(config: PPOConfig):
     policy, critic, reward = resolve_model_paths(config)
     prompts, stats = load_prompts(config.dataset, config.train_split, config.max_prompts)
     for path, field in ((policy, "policy_model"), (critic, "critic_model"), (reward, "reward_model")):
-        check_model_source(path, field, config.trust_remote_code)
+        if field != "critic_model" or config.needs_critic:
+            check_model_source(path, field, config.trust_remote_code)
     init_distributed()
     world_size = get_world_size()
     if stats.warning() and is_main_process():
         print(f"warning: {stats.warning()}", file=sys.stderr, flush=True)
-    for role in ROLES:  # a DeepSpeed JSON that contradicts the config fails here, before any model loads
+    for role in engine_roles(config):  # a DeepSpeed JSON that contradicts the config fails here, before loading
         build_ds_config(config, role, world_size)
     PromptLoader(prompts, config.rollout_batch_size, config.seed, get_rank(), world_size)  # enough prompts?
     checkpoint = find_checkpoint(config.resume, config.output_dir) if config.resume else None
@@ -63,7 +64,8 @@ def prepare(config: PPOConfig):
         write_run_info(config, world_size, memory_plan=memory_plan)
         print(f"rlhf-ds: {world_size} rank(s); effective config (saved to {config.output_dir}/config.json):")
         print(config.describe())
-        print(f"models: policy {policy}, critic {critic}, reward {reward}")
+        critic_text = critic if config.needs_critic else f"none ({config.advantage_estimator})"
+        print(f"models: policy {policy}, critic {critic_text}, reward {reward}")
         print(f"prompts: {stats.summary()}")
         print("placement (rank 0):\n" + describe_placement(engines), flush=True)
         if config.resume and not checkpoint:

@@ -58,14 +58,16 @@ def forward_backward_flops(body_params: int, sequences: int, seq_len: int, head_
             + 12.0 * layers * attention_width * seq_len * tokens)
 
 
-def update_flops(actor: torch.nn.Module, critic: torch.nn.Module, sequences: int, seq_len: int,
+def update_flops(actor: torch.nn.Module, critic: Optional[torch.nn.Module], sequences: int, seq_len: int,
                  response_len: int, ppo_epochs: int) -> float:
     """Model FLOPs of one PPO update on one rank: ``ppo_epochs`` forward + backward passes of actor and critic
-    over ``sequences`` rows of ``seq_len`` (prompt + response) tokens; the actor's LM head only on the
+    (None: a critic-free estimator) over ``sequences`` rows of ``seq_len`` (prompt + response) tokens; the actor's LM head only on the
     ``response_len`` positions that predict response tokens. Optimizer steps and the loss maths are not
     counted (they are O(params) and O(tokens x vocab), small next to the matmuls)."""
     total = 0.0
     for model, head_positions in ((actor, response_len), (critic, 0)):
+        if model is None:
+            continue
         body, head = flop_params(model)
         layers, width = attention_dims(model)
         total += forward_backward_flops(body, sequences, seq_len, head, head_positions, layers, width)

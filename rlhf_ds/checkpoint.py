@@ -3,6 +3,7 @@
 One checkpoint, ``output_dir/checkpoints/iter_0000020/`` (the number = iterations completed):
 
     actor/state/, critic/state/   DeepSpeed ``save_checkpoint``: weights, optimizer, scheduler, one shard per rank
+                                  (no critic/ nor critic_meta/ when the advantage estimator trains no critic)
     rng/rank_00000.pt             python, numpy, torch (and accelerator) RNG states of each rank
     trainer_state.json            iteration, KL controller, data position, reward moments, skip counters, config
     policy_meta/, critic_meta/    HF configs (+ the policy tokenizer): exporting needs no original model paths
@@ -43,7 +44,6 @@ LATEST = "latest"
 TAG = "state"  # DeepSpeed's tag inside actor/ and critic/; ours is the directory name
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
-TRAINED_ROLES = ("actor", "critic")
 _NAME = re.compile(r"^iter_(\d+)$")
 # Fields that may change between a run and its resume without breaking exactness (zero3_generation:
 # gathered and partitioned generation sample the same tokens).
@@ -132,14 +132,15 @@ def _save(engines, trainer_state: dict, root: str, final: str, keep: int) -> str
             shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
         os.makedirs(os.path.join(tmp, "rng"))
     barrier()
-    for role in TRAINED_ROLES:
-        getattr(engines, role).save_checkpoint(os.path.join(tmp, role), tag=TAG, save_latest=False)
+    for role, engine in engines.trained.items():
+        engine.save_checkpoint(os.path.join(tmp, role), tag=TAG, save_latest=False)
     torch.save(rng_state(), _rng_file(tmp, get_rank()))
     barrier()  # every rank's shards and RNG file are on disk
     if is_main_process():
         engines.actor.module.config.save_pretrained(os.path.join(tmp, "policy_meta"))
         engines.policy_tokenizer.save_pretrained(os.path.join(tmp, "policy_meta"))
-        engines.critic.module.backbone.config.save_pretrained(os.path.join(tmp, "critic_meta"))
+        if engines.critic is not None:
+            engines.critic.module.backbone.config.save_pretrained(os.path.join(tmp, "critic_meta"))
         _write_json(os.path.join(tmp, STATE_FILE), {**trainer_state, "world_size": get_world_size()})
         _write_json(os.path.join(tmp, MANIFEST_FILE), describe_files(tmp))
         if os.path.exists(final):  # the same iteration saved again (e.g. a signal right after a save)
@@ -229,7 +230,8 @@ def _read_latest(root: str) -> str:
 def check_resume_config(state: dict, config: PPOConfig, world_size: int) -> list[str]:
     """Refuse (ConfigError) a resume whose config or world size differs in a way that breaks exactness, unless
     ``config.force_resume``; returns the differences (empty when exact)."""
-    saved = state["config"]
+    # a field the checkpoint's version did not have yet ran at its default value
+    saved = {**dataclasses.asdict(PPOConfig().validate()), **state["config"]}
     current = dataclasses.asdict(config)
     changed = [f"{k}={saved.get(k)!r}->{current[k]!r}" for k in current
                if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
@@ -245,9 +247,9 @@ def check_resume_config(state: dict, config: PPOConfig, world_size: int) -> list
 def load_checkpoint(engines, path: str) -> dict:
     """Restore both training engines and this rank's RNG from a verified checkpoint; returns the trainer state."""
     state = verify_checkpoint(path)
-    for role in TRAINED_ROLES:
+    for role, engine in engines.trained.items():
         try:
-            loaded, _ = getattr(engines, role).load_checkpoint(os.path.join(path, role), tag=TAG,
+            loaded, _ = engine.load_checkpoint(os.path.join(path, role), tag=TAG,
                                                                load_optimizer_states=True,
                                                                load_lr_scheduler_states=True)
         except Exception as err:  # DeepSpeed raises many kinds; the user needs the checkpoint and the cause
@@ -343,6 +345,9 @@ def export_checkpoint(path: str, out_dir: str, critic_out: Optional[str] = None,
     from rlhf_ds.models import CriticModel, load_saved_tokenizer, save_critic
 
     verify_checkpoint(path)
+    if critic_out is not None and not os.path.isdir(os.path.join(path, "critic")):
+        raise CheckpointError(f"checkpoint {path} has no critic (its advantage estimator trains none): export "
+                              "the policy alone, without --critic")
     for target in filter(None, (out_dir, critic_out)):
         check_export_target(target, path, overwrite)
     meta = os.path.join(path, "policy_meta")

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 from rlhf_ds.errors import KnownError
 from rlhf_ds.kl_control import KL_CONTROLLERS
-from rlhf_ds.ppo import KL_ESTIMATORS
+from rlhf_ds.ppo import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, KL_ESTIMATORS
 
 if typing.TYPE_CHECKING:
     from rlhf_ds.sampling import Sampling
@@ -100,7 +100,15 @@ class PPOConfig:
     kl_horizon: int = _doc(10000, "horizon of the proportional controller, in samples")
     kl_coef_min: Optional[float] = _doc(0.05, "lower bound on kl_coef (None = unbounded)")
     kl_coef_max: Optional[float] = _doc(2.0, "upper bound on kl_coef (None = unbounded)")
-    kl_estimator: str = _doc("k1", "per-token KL estimator: k1 (log-ratio), k2, k3")
+    kl_estimator: Optional[str] = _doc(None, "per-token KL estimator: k1 (log-ratio), k2, k3; None = k1 in the "
+                                       "reward, k3 as a loss term (kl_in_loss)")
+    # --- advantage estimator ----------------------------------------------------------------------------
+    advantage_estimator: str = _doc("gae", "gae (PPO with a critic), or critic-free: grpo, rloo, reinforce_pp (no "
+                                    "critic engine is built)")
+    samples_per_prompt: int = _doc(1, "responses sampled per prompt, all on the prompt's rank (grpo and rloo "
+                                   "compare them: >= 2)")
+    kl_in_loss: Optional[bool] = _doc(None, "the KL to the reference as a loss term (kl_coef * token mean of the "
+                                      "KL) instead of in the reward; None = on for grpo, off otherwise")
     # --- system ----------------------------------------------------------------------------------------
     zero_stage: int = _doc(2, "DeepSpeed ZeRO stage for actor and critic (0-3)")
     offload_optimizer: bool = _doc(False, "ZeRO CPU offload of optimizer states")
@@ -163,14 +171,25 @@ class PPOConfig:
         need(self.iterations >= 1, "iterations", "run at least 1 iteration")
         need(self.rollout_batch_size >= 1, "rollout_batch_size", "use at least 1 prompt per rank")
         need(self.mini_batch_size >= 1, "mini_batch_size", "use at least 1 sequence per step")
-        need(self.rollout_batch_size % self.mini_batch_size == 0, "rollout_batch_size",
-             f"must be divisible by mini_batch_size={self.mini_batch_size}")
+        need(self.advantage_estimator in ADVANTAGE_ESTIMATORS, "advantage_estimator",
+             f"choose one of {', '.join(ADVANTAGE_ESTIMATORS)}")
+        need(self.samples_per_prompt >= 1, "samples_per_prompt", "sample at least 1 response per prompt")
+        need(self.samples_per_prompt >= 2 or self.advantage_estimator not in GROUP_ESTIMATORS, "samples_per_prompt",
+             f"{self.advantage_estimator} compares the responses to one prompt with each other: use "
+             "samples_per_prompt >= 2, e.g. 4")
+        need(self.rollout_batch_size * self.samples_per_prompt % self.mini_batch_size == 0, "rollout_batch_size",
+             f"rollout_batch_size x samples_per_prompt (the sequences per rank) must be divisible by "
+             f"mini_batch_size={self.mini_batch_size}")
         need(self.ppo_epochs >= 1, "ppo_epochs", "use at least 1 epoch")
         need(self.max_grad_norm >= 0, "max_grad_norm", "use >= 0 (0 = off)")
         need(self.weight_decay >= 0, "weight_decay", "use >= 0")
         need(self.warmup_steps >= 0, "warmup_steps", "use >= 0")
         need(self.reward_clip is None or self.reward_clip > 0, "reward_clip", "use > 0 or null")
         need(self.max_skipped_batches >= 1, "max_skipped_batches", "use at least 1")
+        if self.kl_in_loss is None:  # resolved here, so the saved config says what ran
+            self.kl_in_loss = self.advantage_estimator == "grpo"
+        if self.kl_estimator is None:
+            self.kl_estimator = "k3" if self.kl_in_loss else "k1"
         need(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"choose one of {', '.join(KL_ESTIMATORS)}")
         need(self.kl_controller in KL_CONTROLLERS, "kl_controller", f"choose one of {', '.join(KL_CONTROLLERS)}")
         need(self.kl_horizon >= 1, "kl_horizon", "use a positive horizon, e.g. 10000")
@@ -194,6 +213,11 @@ class PPOConfig:
         need(self.ds_config is None or os.path.isfile(self.ds_config), "ds_config",
              "point it at an existing DeepSpeed JSON file")
         return self
+
+    @property
+    def needs_critic(self) -> bool:
+        """Only GAE estimates advantages with a value function; the other estimators build no critic engine."""
+        return self.advantage_estimator == "gae"
 
     # --- loading ---------------------------------------------------------------------------------------
     @classmethod

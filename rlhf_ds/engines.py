@@ -19,7 +19,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import deepspeed
 import torch
@@ -184,12 +184,17 @@ class Engines:
     reference to the latest, and while a ZeRO-3 one lives ``from_pretrained`` loads partitioned.
     """
     actor: deepspeed.DeepSpeedEngine
-    critic: deepspeed.DeepSpeedEngine
+    critic: Optional[deepspeed.DeepSpeedEngine]  # None when the advantage estimator needs no critic
     reference: deepspeed.DeepSpeedEngine
     reward: deepspeed.DeepSpeedEngine
     policy_tokenizer: PreTrainedTokenizerBase
     reward_tokenizer: PreTrainedTokenizerBase
     hf_ds_configs: list[HfDeepSpeedConfig] = field(default_factory=list)
+
+    @property
+    def trained(self) -> dict[str, deepspeed.DeepSpeedEngine]:
+        """role -> engine of the engines that train (and are checkpointed): the actor, and the critic if any."""
+        return {role: getattr(self, role) for role in TRAIN_ROLES if getattr(self, role) is not None}
 
 
 def build_engine(config: PPOConfig, role: str, path: str,
@@ -218,15 +223,21 @@ def build_engine(config: PPOConfig, role: str, path: str,
     return engine
 
 
+def engine_roles(config: PPOConfig) -> tuple[str, ...]:
+    """The roles this run builds: all four, or without the critic when the advantage estimator needs none."""
+    return ROLES if config.needs_critic else tuple(role for role in ROLES if role != "critic")
+
+
 def build_engines(config: PPOConfig, policy_path: str, critic_path: str, reward_path: str) -> Engines:
-    """The four engines (``build_engine``) and the two tokenizers.
+    """The engines of ``engine_roles`` (``build_engine``) and the two tokenizers.
 
     policy_path serves actor and reference; paths are local directories or hub names ("embedded" is
-    resolved by the caller).
+    resolved by the caller). Without a critic, ``Engines.critic`` is None and critic_path is not read.
     """
     hf_ds_configs: list[HfDeepSpeedConfig] = []
     paths = {"actor": policy_path, "critic": critic_path, "reference": policy_path, "reward": reward_path}
-    engines = {role: build_engine(config, role, paths[role], hf_ds_configs) for role in ROLES}
+    engines = {"critic": None, **{role: build_engine(config, role, paths[role], hf_ds_configs)
+                                  for role in engine_roles(config)}}
     trust = config.trust_remote_code
     return Engines(**engines, policy_tokenizer=load_tokenizer(policy_path, trust),
                    reward_tokenizer=load_reward_tokenizer(reward_path, trust), hf_ds_configs=hf_ds_configs)
@@ -245,6 +256,9 @@ def describe_placement(engines: Engines) -> str:
     lines = []
     for role in ROLES:
         engine = getattr(engines, role)
+        if engine is None:
+            lines.append(f"  {role:<9} none: the advantage estimator needs no critic")
+            continue
         params = list(engine.module.parameters())
         count = sum(getattr(p, "ds_numel", p.numel()) for p in params)
         trained = any(p.requires_grad for p in params)

@@ -29,7 +29,7 @@ class Experience:
     response_mask: torch.Tensor  # (B, R) float, 1 up to and including the first EOS
     old_logprobs: torch.Tensor  # (B, R) actor log-probs at sampling time
     ref_logprobs: torch.Tensor  # (B, R) reference log-probs
-    values: torch.Tensor  # (B, R) critic values
+    values: Optional[torch.Tensor]  # (B, R) critic values; None without a critic (critic-free estimators)
     scores: torch.Tensor  # (B,) raw reward-model scores
     score_truncated: Optional[torch.Tensor] = None  # (B,) bool: the reward model read the pair cut to fit
     advantages: Optional[torch.Tensor] = None  # (B, R)
@@ -92,6 +92,7 @@ def response_values(critic, sequences: torch.Tensor, attention_mask: torch.Tenso
 class ExperienceMaker:
     """Fills an ``Experience`` with one batched forward per model per micro-batch (no grad).
 
+    ``critic`` is None when the advantage estimator needs no values (``Experience.values`` is then None).
     The reward model reads text: the rollout is decoded with the policy tokenizer and re-tokenised with the
     reward model's own tokenizer as a (question, answer) pair, the answer without its stop string.
     Log-probs are those of the sampling distribution: the logits divided by ``sampling.temperature``.
@@ -118,7 +119,7 @@ class ExperienceMaker:
         Every model runs in eval mode (the trainer switches actor and critic to training mode only for the
         update's passes). A collective under ZeRO-3.
         """
-        for model in (self.actor, self.critic):
+        for model in filter(None, (self.actor, self.critic)):
             model.eval()
         prompt_len = prompt_mask.shape[1]
         attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
@@ -143,9 +144,11 @@ class ExperienceMaker:
                         response_logits(model, sequences[b], attention_mask[b], prompt_len,
                                         self.sampling.temperature),
                         labels[b]) for b in by_prompt], by_prompt)
-            with gathered(self.critic):
-                parts["values"] = in_row_order([response_values(self.critic, sequences[b], attention_mask[b],
-                                                                prompt_len) for b in by_prompt], by_prompt)
+            parts["values"] = None
+            if self.critic is not None:
+                with gathered(self.critic):
+                    parts["values"] = in_row_order([response_values(self.critic, sequences[b], attention_mask[b],
+                                                                    prompt_len) for b in by_prompt], by_prompt)
             with gathered(self.reward):
                 scored = [score_pairs(self.reward, self.reward_tokenizer, [questions[i] for i in b],
                                       [answers[i] for i in b], self.reward_max_len) for b in by_text]

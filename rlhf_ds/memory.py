@@ -20,7 +20,9 @@ Resident, per engine
     ``offload_optimizer`` moves master weights and moments to host memory, ``offload_params`` ZeRO-3's
     parameter partitions: they leave the device's table (and are shown as host bytes).
 
-Working sets (B = rollout_batch_size, m = mini_batch_size, P = max_prompt_len, R = max_new_tokens,
+Without a critic (``advantage_estimator`` other than gae) the critic's states and activations are absent.
+
+Working sets (B = rollout_batch_size x samples_per_prompt, m = mini_batch_size, P = max_prompt_len, R = max_new_tokens,
 T = P + R, Q = reward_max_len, V = vocabulary, h = hidden, i = intermediate, kv = kv heads x head dim)
     generation   the gathered actor (ZeRO-3 unless ``zero3_generation`` is "partitioned": ``gathered_bytes``)
                  and ``hybrid.generation_memory_bytes`` (KV cache, prefill MLP, sampling logits) for B rows
@@ -49,6 +51,7 @@ import dataclasses
 import re
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -146,7 +149,7 @@ class Setup:
     bytes allocated (a GPU's caching allocator)."""
     config: PPOConfig
     policy: ModelShape
-    critic: ModelShape
+    critic: Optional[ModelShape]  # None when the advantage estimator builds no critic
     reward: ModelShape
     world_size: int
     dtype: torch.dtype
@@ -161,6 +164,12 @@ class Setup:
 
     def zero(self, role: str) -> dict:
         return self.ds_configs[role]["zero_optimization"]
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The engines this run builds (``engines.engine_roles``)."""
+        return tuple(role for role in ("actor", "critic", "reference", "reward")
+                     if role != "critic" or self.critic is not None)
 
     def shape(self, role: str) -> ModelShape:
         return {"actor": self.policy, "reference": self.policy, "critic": self.critic, "reward": self.reward}[role]
@@ -232,7 +241,7 @@ def experience_working_bytes(setup: Setup) -> dict[str, int]:
     cfg, b = setup.config, setup.b
     m, P, R, Q = cfg.mini_batch_size, cfg.max_prompt_len, cfg.max_new_tokens, setup.reward_max_len
     forwards = {}
-    for role in ("actor", "reference", "critic", "reward"):
+    for role in setup.roles:
         shape = setup.shape(role)
         tokens = Q if role == "reward" else P + R
         work = layer_workspace_bytes(shape, m, tokens, b)
@@ -302,8 +311,8 @@ def update_working_bytes(setup: Setup) -> dict[str, int]:
     cfg, b = setup.config, setup.b
     m, T, R = cfg.mini_batch_size, cfg.max_prompt_len + cfg.max_new_tokens, cfg.max_new_tokens
     ckpt = cfg.gradient_checkpointing
-    return {"actor activations": activation_bytes(setup.policy, m, T, b, ckpt),
-            "critic activations": activation_bytes(setup.critic, m, T, b, ckpt),
+    critic = {} if setup.critic is None else {"critic activations": activation_bytes(setup.critic, m, T, b, ckpt)}
+    return {"actor activations": activation_bytes(setup.policy, m, T, b, ckpt), **critic,
             "actor logits and loss terms": loss_logits_bytes(m, R, setup.policy.vocab, b),
             **gradient_bytes(setup, "actor")}
 
@@ -316,7 +325,8 @@ def generation_working_bytes(setup: Setup) -> dict[str, int]:
     gather = gathered_bytes(setup, "actor") if cfg.zero3_generation != "partitioned" else 0
     return {"gathered actor": gather,
             "KV cache, prefill, sampling": generation_memory_bytes(setup.policy.config, setup.dtype,
-                                                                   cfg.rollout_batch_size, cfg.max_prompt_len,
+                                                                   cfg.rollout_batch_size * cfg.samples_per_prompt,
+                                                                   cfg.max_prompt_len,
                                                                    cfg.max_new_tokens)}
 
 
@@ -385,7 +395,7 @@ class MemoryPlan:
 def plan(setup: Setup, capacity: int | None = None) -> MemoryPlan:
     """The ``MemoryPlan`` of ``setup`` on a device of ``capacity`` bytes (None: unknown)."""
     resident, host = {"runtime": setup.runtime}, {}
-    for role in ("actor", "critic", "reference", "reward"):
+    for role in setup.roles:
         for name, value in engine_states(setup, role).items():
             (host if name.endswith("(host)") else resident)[name] = value
     if setup.touched:  # host memory is the device: offloaded states count where they are
@@ -429,7 +439,8 @@ def make_setup(config: PPOConfig, world_size: int, device_type: str) -> Setup:
     precision = config.precision if config.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
     limit = getattr(reward, "max_position_embeddings", None)
     reward_max_len = min(config.reward_max_len or limit, limit or config.reward_max_len or 512)
-    return Setup(config=config, policy=model_shape(policy, "policy"), critic=model_shape(critic, "critic"),
+    return Setup(config=config, policy=model_shape(policy, "policy"),
+                 critic=model_shape(critic, "critic") if config.needs_critic else None,
                  reward=model_shape(reward, "reward"), world_size=world_size,
                  dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
                  ds_configs={role: build_ds_config(config, role, world_size) for role in ROLES},
@@ -448,7 +459,7 @@ def model_states_comparison(setup: Setup) -> str:
     if stage < 2:
         return ""
     lines = [f"model states per device, this plan vs DeepSpeed's ZeRO-{stage} estimator (GiB):"]
-    for role in ("actor", "critic"):
+    for role in (role for role in ("actor", "critic") if role in setup.roles):
         shape, zero = setup.shape(role), setup.zero(role)
         ours = sum(engine_states(setup, role).values()) + sum(
             value for name, value in gradient_bytes(setup, role).items() if "gathered" not in name)

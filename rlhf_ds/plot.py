@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from rlhf_ds.errors import KnownError, run_main
 
 DEFAULT_TARGET_KL = 0.01  # PPOConfig's default, for runs whose config.json is missing
-LOSSES = ("policy_loss", "value_loss", "entropy_loss")
+LOSSES = ("policy_loss", "value_loss", "entropy_loss", "kl_loss")  # those a run logged (no critic: no value_loss)
 PHASES = ("time_generation_s", "time_experience_s", "time_update_s")
 
 
@@ -123,9 +123,10 @@ def plot_kl_coef(records: list[dict], path: str) -> str:
 
 def plot_losses(records: list[dict], path: str) -> str:
     x = [r["iteration"] for r in records]
+    names = [name for name in LOSSES if any(name in r for r in records)] or list(LOSSES[:1])
     fig = Figure(figsize=(8, 7), layout="constrained")
-    axes = fig.subplots(len(LOSSES), 1, sharex=True)
-    for ax, name in zip(axes, LOSSES):
+    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, name in zip(axes, names):
         ax.plot(x, _series(records, name))
         ax.set(ylabel=name)
         ax.grid(alpha=0.3)

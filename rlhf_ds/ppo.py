@@ -11,6 +11,7 @@ import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
+GROUP_ESTIMATORS = ("grpo", "rloo")  # baselines from the other samples of the same prompt
 GROUP_STD_EPS = 1e-6  # added to a group's std (GRPO), so a group of equal rewards gets advantage 0, not nan
 WHITEN_EPS = 1e-8  # added to the variance before rsqrt, so a constant batch whitens to 0 instead of nan
 
@@ -289,11 +290,12 @@ def entropy_loss(entropy, mask, entropy_coef, num_tokens=None):
     return -entropy_coef * token_mean(entropy, mask, num_tokens)
 
 
-def total_loss(policy_loss, value_loss, entropy_loss, vf_coef):
-    """The logged sum policy + vf_coef * value + entropy terms (scalars). The actor and critic step separately
-    (their parameters do not overlap), on policy_loss + entropy_loss and vf_coef * value_loss: the gradient
-    of each part is the gradient of this sum with respect to that engine's parameters."""
-    return policy_loss + vf_coef * value_loss + entropy_loss
+def total_loss(policy_loss, value_loss, entropy_loss, vf_coef, kl_loss=0.0):
+    """The logged sum policy + vf_coef * value + entropy (+ kl_loss) terms (scalars; value_loss None without a
+    critic). The actor and critic step separately (their parameters do not overlap), on policy_loss +
+    entropy_loss (+ kl_loss) and vf_coef * value_loss: the gradient of each part is the gradient of this sum
+    with respect to that engine's parameters."""
+    return policy_loss + (0.0 if value_loss is None else vf_coef * value_loss) + entropy_loss + kl_loss
 
 
 def approx_kl(logprobs, old_logprobs, mask, num_tokens=None):

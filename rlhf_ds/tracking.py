@@ -36,9 +36,10 @@ def format_metrics(metrics: dict) -> str:
     """One console line per iteration: the numbers a user watches."""
     if "skip_reason" in metrics:
         return f"iter {metrics['iteration']:4d} skipped ({metrics['skip_reason']}), total {metrics['skipped_batches']}"
+    value = f"  value {metrics['value_loss']:.4f}" if "value_loss" in metrics else ""  # absent without a critic
     return (f"iter {metrics['iteration']:4d}  score {metrics['score_mean']:+.3f}  reward {metrics['reward_mean']:+.3f}"
             f"  kl {metrics['kl_divergence']:.4f}  kl_coef {metrics['kl_coef']:.4f}"
-            f"  policy {metrics['policy_loss']:+.4f}  value {metrics['value_loss']:.4f}"
+            f"  policy {metrics['policy_loss']:+.4f}{value}"
             f"  entropy {metrics['entropy']:.3f}  len {metrics['response_length']:.1f}"
             f"  {metrics['tokens_per_s']:.0f} tok/s")
 

@@ -117,6 +117,7 @@ class PPOTrainer:
         """One PPO iteration on this rank's ``prompts``; returns the all-reduced metrics."""
         cfg = self.config
         meter = PhaseMeter(self.device)
+        prompts = [prompt for prompt in prompts for _ in range(cfg.samples_per_prompt)]  # a group: adjacent rows
         truncated_before = self.collate.num_truncated
         batch = {k: v.to(self.device) for k, v in self.collate(prompts).items()}
         prompts_truncated = (self.collate.num_truncated - truncated_before) / len(prompts)
@@ -131,28 +132,47 @@ class PPOTrainer:
             return self._skip("non-finite reward score", meter)
 
         mask = exp.response_mask
-        scores = self._normalise(exp.scores)
         kl = ppo.kl_penalty(exp.old_logprobs, exp.ref_logprobs, cfg.kl_estimator)
         kl_coef = self.kl_controller.value
-        rewards = ppo.shape_rewards(scores, kl, mask, kl_coef, cfg.reward_clip)
-        exp.advantages, exp.returns = ppo.gae(rewards, exp.values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            exp.advantages = global_masked_whiten(exp.advantages, mask)
+        # with kl_in_loss the KL is a loss term (ppo.kl_loss) and the rewards carry the score alone
+        rewards = ppo.shape_rewards(self._normalise(exp.scores), kl, mask, 0.0 if cfg.kl_in_loss else kl_coef,
+                                    cfg.reward_clip)
+        exp.advantages, exp.returns = self._advantages(rewards, exp.values, mask)
         kl_divergence = global_masked_mean(kl, mask).item()  # token-weighted over all ranks
 
-        update_metrics, skipped_minibatches = self.update(exp)
+        update_metrics, skipped_minibatches = self.update(exp, kl_coef)
         meter.lap("update")
         if not update_metrics:
             return self._skip("non-finite loss", meter, skipped_minibatches)
-        self.kl_controller.update(kl_divergence, cfg.rollout_batch_size * self.world_size)
+        self.kl_controller.update(kl_divergence, exp.sequences.shape[0] * self.world_size)  # samples
         self.consecutive_skips = 0
         return self._metrics(exp, rewards, kl_divergence, kl_coef, update_metrics, skipped_minibatches,
                              prompts_truncated, meter)
 
-    def update(self, exp: Experience) -> tuple[dict, int]:
-        """``ppo_epochs`` passes of shuffled mini-batches through actor and critic, in training mode.
+    def _advantages(self, rewards: torch.Tensor, values: torch.Tensor | None,
+                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(advantages, returns) of the configured estimator from the per-token rewards (B, R); returns is None
+        without a critic. GAE and REINFORCE++ are whitened over all ranks' tokens (``whiten_advantages``); GRPO
+        and RLOO are already centred within each prompt's group (rows i*n .. i*n + n - 1 of this rank)."""
+        cfg = self.config
+        estimator, returns = cfg.advantage_estimator, None
+        if estimator == "gae":
+            advantages, returns = ppo.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        elif estimator == "reinforce_pp":
+            advantages = ppo.reinforce_pp_returns(rewards, mask, cfg.gamma)
+        else:
+            group_estimator = ppo.grpo_advantages if estimator == "grpo" else ppo.rloo_advantages
+            return group_estimator(rewards.sum(1), mask, cfg.samples_per_prompt), None
+        if cfg.whiten_advantages:
+            advantages = global_masked_whiten(advantages, mask)
+        return advantages, returns
 
-        Actor: policy_loss + entropy_loss. Critic: vf_coef * value_loss. Each steps through its DeepSpeed
+    def update(self, exp: Experience, kl_coef: float) -> tuple[dict, int]:
+        """``ppo_epochs`` passes of shuffled mini-batches through actor and critic (when there is one), in
+        training mode.
+
+        Actor: policy_loss + entropy_loss (+ kl_loss with ``kl_in_loss``, weighted by this rollout's
+        ``kl_coef``). Critic: vf_coef * value_loss. Each steps through its DeepSpeed
         engine (gradient all-reduce, clipping, ZeRO). Every loss is a token mean over the global mini-batch
         (``ppo.token_mean`` with the valid tokens of all ranks, counted in one all-reduce per epoch), so a
         token weighs the same whichever rank holds it. A mini-batch whose loss is non-finite on any rank is
@@ -163,26 +183,27 @@ class PPOTrainer:
         of skipped mini-batches.
         """
         cfg = self.config
-        actor, critic = self.engines.actor, self.engines.critic
+        trained = self.engines.trained
         generator = torch.Generator().manual_seed(self._sample_seed())
         sums: dict[str, torch.Tensor] = {}
         steps = skipped = 0
-        with training_mode(actor, critic):
+        with training_mode(*trained.values()):
             for _ in range(cfg.ppo_epochs):
                 order = torch.randperm(exp.sequences.shape[0], generator=generator)
                 minibatches = [exp.select(index.to(self.device)) for index in order.split(cfg.mini_batch_size)]
                 global_tokens = global_token_counts([mb.response_mask for mb in minibatches])
                 for mb, tokens in zip(minibatches, global_tokens):
                     with self.observer.update_part("forward"):
-                        losses = self._minibatch_losses(mb, num_tokens=tokens / self.world_size)
-                    actor_loss = losses["policy_loss"] + losses["entropy_loss"]
-                    critic_loss = cfg.vf_coef * losses["value_loss"]
-                    if any_rank(not bool(torch.isfinite(actor_loss) & torch.isfinite(critic_loss)), self.device):
+                        losses = self._minibatch_losses(mb, kl_coef, num_tokens=tokens / self.world_size)
+                    engine_losses = {"actor": losses["policy_loss"] + losses["entropy_loss"]
+                                     + losses.get("kl_loss", 0.0),
+                                     "critic": cfg.vf_coef * losses["value_loss"] if "critic" in trained else None}
+                    if any_rank(not all(bool(torch.isfinite(engine_losses[role])) for role in trained), self.device):
                         skipped += 1
                         continue
-                    for engine, loss in ((actor, actor_loss), (critic, critic_loss)):
+                    for role, engine in trained.items():
                         with self.observer.update_part("backward"):
-                            engine.backward(loss)
+                            engine.backward(engine_losses[role])
                         with self.observer.update_part("step"):
                             engine.step()
                     for name, value in losses.items():
@@ -192,9 +213,9 @@ class PPOTrainer:
             return {}, skipped
         return dict(zip(sums, (torch.stack(list(sums.values())) / steps).tolist())), skipped
 
-    def _minibatch_losses(self, mb: Experience, num_tokens: float) -> dict[str, torch.Tensor]:
+    def _minibatch_losses(self, mb: Experience, kl_coef: float, num_tokens: float) -> dict[str, torch.Tensor]:
         """The losses (with grad) and statistics (without) of one mini-batch, each a ``ppo.token_mean`` with
-        ``num_tokens`` as denominator."""
+        ``num_tokens`` as denominator; value_loss only with a critic, kl_loss only with ``kl_in_loss``."""
         cfg = self.config
         mask = mb.response_mask
         logits = response_logits(self.engines.actor, mb.sequences, mb.attention_mask, mb.prompt_len,
@@ -204,14 +225,18 @@ class PPOTrainer:
         del logits
         policy_loss, clipfrac = ppo.policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, cfg.clip_range,
                                                 num_tokens)
-        values = response_values(self.engines.critic, mb.sequences, mb.attention_mask, mb.prompt_len)
+        losses = {"policy_loss": policy_loss,
+                  "entropy_loss": ppo.entropy_loss(entropy, mask, cfg.entropy_coef, num_tokens)}
+        if cfg.kl_in_loss:
+            losses["kl_loss"] = ppo.kl_loss(logprobs, mb.ref_logprobs, mask, kl_coef, cfg.kl_estimator, num_tokens)
+        if self.engines.critic is not None:
+            values = response_values(self.engines.critic, mb.sequences, mb.attention_mask, mb.prompt_len)
+            losses["value_loss"] = ppo.value_loss(values, mb.values, mb.returns, mask, cfg.clip_range_value,
+                                                  num_tokens)
         with torch.no_grad():
             statistics = {"entropy": ppo.token_mean(entropy, mask, num_tokens), "clipfrac": clipfrac,
                           "approx_kl": ppo.approx_kl(logprobs, mb.old_logprobs, mask, num_tokens)}
-        return {"policy_loss": policy_loss,
-                "entropy_loss": ppo.entropy_loss(entropy, mask, cfg.entropy_coef, num_tokens),
-                "value_loss": ppo.value_loss(values, mb.values, mb.returns, mask, cfg.clip_range_value, num_tokens),
-                **statistics}
+        return {**losses, **statistics}
 
     def _metrics(self, exp: Experience, rewards: torch.Tensor, kl_divergence: float, kl_coef: float,
                  update_metrics: dict, skipped_minibatches: int, prompts_truncated: float, meter: PhaseMeter) -> dict:
@@ -231,15 +256,16 @@ class PPOTrainer:
         for name, values in (("score", exp.scores), ("reward", sequence_reward)):
             mean, var, _ = global_masked_moments(values, torch.ones_like(values), unbiased=False)
             metrics[f"{name}_mean"], metrics[f"{name}_std"] = mean.item(), var.sqrt().item()
-        explained_var = global_explained_variance(exp.values, exp.returns, mask)
-        if explained_var is not None:  # undefined with fewer than 2 valid tokens over all ranks
+        explained_var = None if exp.values is None else global_explained_variance(exp.values, exp.returns, mask)
+        if explained_var is not None:  # no critic, or fewer than 2 valid tokens over all ranks: undefined
             metrics["value_explained_var"] = explained_var
         tokens = metrics.pop("tokens") * self.world_size
         metrics.update(iteration=self.iteration, kl_divergence=kl_divergence, kl_coef=kl_coef,
                        next_kl_coef=self.kl_controller.value, skipped_batches=self.skipped_batches,
                        skipped_minibatches=skipped_minibatches, tokens_per_s=tokens / sum(meter.seconds.values()),
-                       total_loss=ppo.total_loss(metrics["policy_loss"], metrics["value_loss"],
-                                                 metrics["entropy_loss"], self.config.vf_coef))
+                       total_loss=ppo.total_loss(metrics["policy_loss"], metrics.get("value_loss"),
+                                                 metrics["entropy_loss"], self.config.vf_coef,
+                                                 metrics.get("kl_loss", 0.0)))
         return metrics
 
     # --- helpers ------------------------------------------------------------------------------------------

@@ -127,6 +127,29 @@ def test_sigkill_mid_run_then_during_save_keeps_the_last_checkpoint_and_resume_i
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [checkpoint_name(4), "latest"]
 
 
+def test_a_critic_free_run_builds_no_critic_and_resumes_bitwise(tmp_path, capsys):
+    """GRPO on 2 ranks (2 samples per prompt, the KL as a loss term): no critic is built, checkpointed or
+    exportable, and continuing from its iteration-2 checkpoint (in a new output directory) gives the straight
+    run's iterations 2 and 3 bit for bit: metrics, every rank's sampled tokens, final weights."""
+    grpo = ["--advantage_estimator", "grpo", "--samples_per_prompt", "2"]
+    straight_dir, resumed = tmp_path / "straight", tmp_path / "resumed"
+    rc, out = run(straight_dir, "none", *grpo)
+    assert rc == 0, out[-6000:]
+    assert "critic    none: the advantage estimator needs no critic" in out
+    checkpoint = straight_dir / "checkpoints" / checkpoint_name(2)
+    assert {p.name for p in checkpoint.iterdir()} == {"actor", "policy_meta", "rng", "trainer_state.json",
+                                                      "manifest.json"}
+    rc, out = run(resumed, "none", *grpo, "--resume", str(checkpoint))
+    assert rc == 0 and f"resumed from {checkpoint} at iteration 2" in out, out[-6000:]
+    assert metrics(resumed) == metrics(straight_dir)[2:]
+    assert samples(resumed).items() <= samples(straight_dir).items() and len(samples(resumed)) == RANKS * 2
+    final, expected = (load_file(d / "policy" / "model.safetensors") for d in (resumed, straight_dir))
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    capsys.readouterr()
+    assert launch_script("export").main([str(checkpoint), str(tmp_path / "p"), "--critic", str(tmp_path / "c")]) == 2
+    assert "has no critic" in capsys.readouterr().err and not (tmp_path / "p").exists()
+
+
 def test_sigterm_finishes_the_iteration_saves_and_exits_zero(straight, tmp_path):
     proc = start(tmp_path)
     wait_for_lines(tmp_path / "metrics.jsonl", 1, proc)

@@ -18,6 +18,19 @@ def test_original_defaults():
     assert 4 <= c.rollout_batch_size <= 16 and 4 <= c.mini_batch_size <= 16
 
 
+@pytest.mark.parametrize("estimator, samples, kl_in_loss, kl_estimator, critic", [
+    ("gae", 1, False, "k1", True), ("grpo", 4, True, "k3", False), ("rloo", 2, False, "k1", False),
+    ("reinforce_pp", 1, False, "k1", False)])
+def test_estimator_defaults_resolve_the_kl_placement_and_the_critic(estimator, samples, kl_in_loss, kl_estimator,
+                                                                  critic):
+    c = PPOConfig(advantage_estimator=estimator, samples_per_prompt=samples).validate()
+    assert (c.kl_in_loss, c.kl_estimator, c.needs_critic) == (kl_in_loss, kl_estimator, critic)
+    forced = PPOConfig(advantage_estimator=estimator, samples_per_prompt=samples, kl_in_loss=not kl_in_loss,
+                       kl_estimator="k2").validate()
+    assert (forced.kl_in_loss, forced.kl_estimator) == (not kl_in_loss, "k2")  # what the user sets stays
+    assert PPOConfig(rollout_batch_size=3, samples_per_prompt=2, mini_batch_size=6).validate()  # 6 rows per rank
+
+
 def test_shipped_configs_load():
     real = PPOConfig.from_file(str(ROOT / "launch/configs/qwen2_hh.yaml"))
     assert real.policy_model == "Qwen/Qwen2-0.5B"
@@ -61,7 +74,7 @@ def test_int_accepted_for_float_field():
     ({"lam": -0.5}, "lam=-0.5"),
     ({"actor_lr": 0.0}, "actor_lr=0.0"),
     ({"critic_lr": -1e-5}, "critic_lr=-1e-05"),
-    ({"rollout_batch_size": 10, "mini_batch_size": 4}, "divisible by mini_batch_size=4"),
+    ({"rollout_batch_size": 10, "mini_batch_size": 4}, "must be divisible by mini_batch_size=4"),
     ({"max_new_tokens": 0}, "max_new_tokens=0"),
     ({"kl_estimator": "k9"}, "k1, k2, k3"),
     ({"kl_controller": "pid"}, "step, proportional, fixed"),
@@ -70,6 +83,12 @@ def test_int_accepted_for_float_field():
     ({"kl_coef_min": 2.0, "kl_coef_max": 1.0}, "kl_coef_min=2.0"),
     ({"offload_params": True, "zero_stage": 2}, "zero_stage=3"),
     ({"ds_config": "/nonexistent/ds.json"}, "ds_config"),
+    ({"advantage_estimator": "ppo2"}, "gae, grpo, rloo, reinforce_pp"),
+    ({"advantage_estimator": "grpo"}, "samples_per_prompt=1 is invalid: grpo compares the responses"),
+    ({"advantage_estimator": "rloo", "samples_per_prompt": 1}, "use samples_per_prompt >= 2"),
+    ({"samples_per_prompt": 0}, "samples_per_prompt=0"),
+    ({"rollout_batch_size": 4, "samples_per_prompt": 3, "mini_batch_size": 8}, "rollout_batch_size x "
+     "samples_per_prompt (the sequences per rank) must be divisible by mini_batch_size=8"),
 ])
 def test_bad_values_give_one_line_naming_the_field(values, needle):
     with pytest.raises(ConfigError) as err:

@@ -145,3 +145,17 @@ def test_an_architecture_without_the_sizes_it_reads_is_a_plan_error():
 
     with pytest.raises(memory.PlanError, match="GPT2Config. has no intermediate_size"):
         memory.model_shape(GPT2Config(n_layer=1, n_embd=8, n_head=2), "policy")
+
+
+def test_a_critic_free_estimator_plans_no_critic_and_more_generation_rows():
+    gae = memory.make_setup(PPOConfig().validate(), world_size=2, device_type="cuda")
+    grpo_config = PPOConfig(advantage_estimator="grpo", samples_per_prompt=4).validate()
+    grpo = memory.make_setup(grpo_config, world_size=2, device_type="cuda")
+    assert grpo.critic is None and "critic" not in grpo.roles
+    with_critic, without = plan(gae), plan(grpo)
+    assert any(name.startswith("critic") for name in with_critic.resident)
+    assert not any(name.startswith("critic") for name in without.resident)
+    assert "critic activations" not in without.working["update"]
+    # four samples per prompt: generation holds four times the rows of the same rollout_batch_size
+    kv = "KV cache, prefill, sampling"
+    assert without.working["generation"][kv] > 3 * with_critic.working["generation"][kv]

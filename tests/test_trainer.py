@@ -33,10 +33,15 @@ def embedded():
     return build()  # in this process, before the ranks start, so they find it cached
 
 
-@pytest.fixture(scope="module")
-def two_rank_run(embedded, tmp_path_factory):
-    out = tmp_path_factory.mktemp("zero3")
-    return launch("run_trainer.py", out, str(out), *RUN_ARGS, "--zero_stage", "3", "--output_dir", str(out / "run"))
+# PPO-GAE under ZeRO-3; GRPO (no critic, 2 samples per prompt, the KL as a loss term) under ZeRO-2
+RUNS = {"zero3": ["--zero_stage", "3"],
+        "grpo": ["--zero_stage", "2", "--advantage_estimator", "grpo", "--samples_per_prompt", "2"]}
+
+
+@pytest.fixture(scope="module", params=list(RUNS))
+def two_rank_run(request, embedded, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param)
+    return launch("run_trainer.py", out, str(out), *RUN_ARGS, *RUNS[request.param], "--output_dir", str(out / "run"))
 
 
 def test_metrics_equal_an_independent_recomputation_from_both_ranks(two_rank_run):
@@ -55,6 +60,31 @@ def test_metrics_equal_an_independent_recomputation_from_both_ranks(two_rank_run
         assert rank1["history"][i]["score_mean"] == metrics["score_mean"]
         assert all(metrics[f"peak_memory_{phase}_mb"] > 0 for phase in ("generation", "experience", "update"))
         assert metrics["generation_partitioned"] == 0.0 and metrics["skipped_minibatches"] == 0
+        # the critic's metrics exist exactly when there is a critic; GRPO's KL is a loss term, not in the reward
+        critic = rank0["config"]["advantage_estimator"] == "gae"
+        assert ("value_loss" in metrics) == ("value_explained_var" in metrics) == critic
+        assert ("kl_loss" in metrics) == (not critic)
+        if not critic:
+            assert metrics["kl_loss"] >= 0  # k3, which is never negative (k1 would be, half of the time)
+
+
+def test_group_samples_share_their_prompt_and_rank(two_rank_run):
+    """samples_per_prompt: each prompt's n responses are adjacent rows of one rank's rollout, sampled with
+    different random numbers; a rank's rollout holds rollout_batch_size distinct prompts."""
+    rank0, _ = two_rank_run
+    n = rank0["config"]["samples_per_prompt"]
+    some_group_differs = False
+    for result in two_rank_run:
+        for rollout in result["rollouts"]:
+            sequences, prompt_len = rollout["sequences"], len(rollout["prompt_mask"][0])
+            assert len(sequences) == rank0["config"]["rollout_batch_size"] * n
+            groups = [sequences[i:i + n] for i in range(0, len(sequences), n)]
+            prompts = [tuple(group[0][:prompt_len]) for group in groups]
+            assert len(set(prompts)) == len(groups)  # distinct prompts across groups
+            for group in groups:
+                assert all(row[:prompt_len] == group[0][:prompt_len] for row in group)
+                some_group_differs |= any(row[prompt_len:] != group[0][prompt_len:] for row in group)
+    assert some_group_differs or n == 1
 
 
 def test_reference_logprobs_are_the_initial_policy_and_old_ones_the_actor(two_rank_run, embedded):

@@ -10,10 +10,12 @@ import os
 import sys
 
 import contextlib
+import dataclasses
 
 import deepspeed
 from safetensors.torch import load_file
 
+from rlhf_ds import ppo
 from rlhf_ds.config import PPOConfig
 from rlhf_ds.data import load_prompts
 from rlhf_ds.distributed import exit_process, get_rank, init_distributed
@@ -37,8 +39,8 @@ def main() -> None:
 
     def recording_make(prompt_mask, sequences, response_mask):
         exp = make(prompt_mask, sequences, response_mask)
-        log_ratio = (exp.old_logprobs - exp.ref_logprobs) * exp.response_mask  # k1 per token
-        rollouts.append({"kl_sum": log_ratio.double().sum().item(), "tokens": exp.response_mask.sum().item(),
+        kl = ppo.kl_penalty(exp.old_logprobs, exp.ref_logprobs, config.kl_estimator) * exp.response_mask
+        rollouts.append({"kl_sum": kl.double().sum().item(), "tokens": exp.response_mask.sum().item(),
                          "scores": exp.scores.tolist(), "lengths": exp.response_mask.sum(1).tolist(),
                          "prompt_mask": prompt_mask.tolist(), "sequences": sequences.tolist(),
                          "response_mask": response_mask.tolist(), "old_logprobs": exp.old_logprobs.tolist(),
@@ -56,6 +58,7 @@ def main() -> None:
         export_diff = max((exported[name] - param.detach().cpu()).abs().max().item()
                           for name, param in engines.actor.module.named_parameters() if name in exported)
     result = {
+        "config": dataclasses.asdict(config),
         "export_max_abs_diff": export_diff,
         "rank": get_rank(),
         "history": history,

@@ -93,13 +93,13 @@ def decoder_layer_calls(engine, run) -> int:
 def scenario_update(engines, trainer, world: int, out: str) -> dict:
     rollout = hand_made_rollout(engines, [get_rank()] if world == 2 else [0, 1])
     result = {}
-    result["layer_calls_checkpointed"] = decoder_layer_calls(engines.actor, lambda: trainer.update(rollout))
+    result["layer_calls_checkpointed"] = decoder_layer_calls(engines.actor, lambda: trainer.update(rollout, trainer.kl_controller.value))
     state = {**{f"actor.{k}": v for k, v in gathered_state(engines.actor).items()},
              **{f"critic.{k}": v for k, v in gathered_state(engines.critic).items()}}
     if get_rank() == 0:
         save_file(state, os.path.join(out, "params.safetensors"))
     engines.actor.module.gradient_checkpointing_disable()
-    result["layer_calls_plain"] = decoder_layer_calls(engines.actor, lambda: trainer.update(rollout))
+    result["layer_calls_plain"] = decoder_layer_calls(engines.actor, lambda: trainer.update(rollout, trainer.kl_controller.value))
     result["train_mode_after_update"] = engines.actor.module.training or engines.critic.module.training
     return result
 

@@ -276,7 +276,7 @@ def test_a_write_failure_torch_reports_as_runtime_error_is_a_checkpoint_error(tm
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 2048: file write "
                            "failed")
 
-    engines = SimpleNamespace(actor=SimpleNamespace(save_checkpoint=failing_save))
+    engines = SimpleNamespace(trained={"actor": SimpleNamespace(save_checkpoint=failing_save)})
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest").write_text(checkpoint_name(2))
     with pytest.raises(CheckpointError, match=r"saving checkpoint .*iter_0000004 failed: \[enforce fail.*file write "

@@ -222,22 +222,16 @@ def rloo_advantages(rewards, mask, group_size):
     return _per_token((groups - leave_one_out).reshape(-1), mask)
 
 
-@torch.no_grad()
 def reinforce_pp_returns(rewards, mask, gamma):
     """REINFORCE++ (Hu 2025) before its whitening: discounted returns of the KL-shaped per-token rewards.
 
-    rewards, mask: (B, T) -> (B, T), G_t = sum_{k >= t} gamma^(k - t) r_k over valid tokens, 0 on padding.
-    No critic and no group: the trainer whitens these over the global batch (``distributed.global_masked_whiten``)
+    rewards, mask: (B, T) -> (B, T), G_t = sum_{k >= t} gamma^(k - t) r_k over valid tokens, 0 on padding:
+    ``gae``'s advantages with no critic (values 0) and lambda 1, so one backward recursion serves both.
+    No group either: the trainer whitens these over the global batch (``distributed.global_masked_whiten``)
     and uses them as advantages.
     """
-    mask = mask.bool()
-    rewards = torch.where(mask, rewards, 0)
-    running = torch.zeros_like(rewards[:, 0])
-    returns_reversed = []
-    for t in reversed(range(rewards.shape[1])):
-        running = rewards[:, t] + gamma * running
-        returns_reversed.append(running)
-    return torch.where(mask, torch.stack(returns_reversed[::-1], dim=1), 0)
+    advantages, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)
+    return advantages
 
 
 def kl_loss(logprobs, ref_logprobs, mask, kl_coef, estimator="k3", num_tokens=None):

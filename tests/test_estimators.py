@@ -106,13 +106,6 @@ def test_reinforce_pp_returns_by_hand():
     assert ppo.reinforce_pp_returns(rewards, torch.tensor([[1, 1, 1, 0]]), 0.5).tolist() == [[3.0, 4.0, 4.0, 0.0]]
 
 
-def test_reinforce_pp_returns_are_gae_without_a_critic():
-    """With values 0 and lambda 1, GAE's advantages are the discounted returns: two derivations agree."""
-    rewards, mask = randn(len(LENGTHS), T, seed=34), make_mask(LENGTHS, T)
-    advantages, _ = ppo.gae(rewards, torch.zeros_like(rewards), mask, 0.95, 1.0)
-    assert_close(ppo.reinforce_pp_returns(rewards, mask, 0.95), advantages)
-
-
 def test_estimators_run_without_grad():
     rewards = randn(len(LENGTHS), seed=35).requires_grad_()
     mask = make_mask(LENGTHS, T)

@@ -50,7 +50,8 @@ def prepare(config: PPOConfig):
         build_ds_config(config, role, world_size)
     PromptLoader(prompts, config.rollout_batch_size, config.seed, get_rank(), world_size)  # enough prompts?
     checkpoint = find_checkpoint(config.resume, config.output_dir) if config.resume else None
-    changes = check_resume_config(verify_checkpoint(checkpoint), config, world_size) if checkpoint else []
+    saved_state = verify_checkpoint(checkpoint) if checkpoint else None
+    changes = check_resume_config(saved_state, config, world_size) if checkpoint else []
     if config.overwrite_output_dir and is_main_process():
         removed = clear_previous_run(config.output_dir)
         if removed:
@@ -74,7 +75,7 @@ def prepare(config: PPOConfig):
             print(f"warning: forced resume with changes {', '.join(changes)}: not an exact continuation")
     trainer = PPOTrainer(config, engines, prompts)
     if checkpoint:
-        trainer.resume(checkpoint)
+        trainer.resume(checkpoint, saved_state)
     return trainer
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from rlhf_ds.config import ConfigError, PPOConfig
-from rlhf_ds.distributed import barrier, get_rank, get_world_size, is_main_process
+from rlhf_ds.distributed import all_gather_objects, barrier, get_rank, get_world_size, is_main_process
 from rlhf_ds.errors import KnownError
 from rlhf_ds.files import atomic_write_text, describe_files, first_problem, replace_dir
 
@@ -135,14 +135,16 @@ def _save(engines, trainer_state: dict, root: str, final: str, keep: int) -> str
     for role, engine in engines.trained.items():
         engine.save_checkpoint(os.path.join(tmp, role), tag=TAG, save_latest=False)
     torch.save(rng_state(), _rng_file(tmp, get_rank()))
-    barrier()  # every rank's shards and RNG file are on disk
     if is_main_process():
         engines.actor.module.config.save_pretrained(os.path.join(tmp, "policy_meta"))
         engines.policy_tokenizer.save_pretrained(os.path.join(tmp, "policy_meta"))
         if engines.critic is not None:
             engines.critic.module.backbone.config.save_pretrained(os.path.join(tmp, "critic_meta"))
         _write_json(os.path.join(tmp, STATE_FILE), {**trainer_state, "world_size": get_world_size()})
-        _write_json(os.path.join(tmp, MANIFEST_FILE), describe_files(tmp))
+    barrier()  # every file but the manifest is on disk: each rank hashes its share of them
+    described = all_gather_objects(describe_files(tmp, part=(get_rank(), get_world_size())))
+    if is_main_process():
+        _write_json(os.path.join(tmp, MANIFEST_FILE), dict(sorted(kv for part in described for kv in part.items())))
         if os.path.exists(final):  # the same iteration saved again (e.g. a signal right after a save)
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -163,7 +165,8 @@ def _prune(root: str, keep: int, just_saved: str) -> None:
 # --- finding and checking ----------------------------------------------------------------------------------
 def verify_checkpoint(path: str) -> dict:
     """Check every file the manifest lists (present, its size, its sha256) and that the trainer state belongs
-    to this directory; return the trainer state.
+    to this directory; return the trainer state. Under a process group every rank must call it: each hashes its
+    share of the files and all raise the same error.
 
     Raises CheckpointError naming the first missing, truncated, corrupted or edited file (e.g. a lost rank shard,
     one flipped byte in a weight shard, a hand-edited trainer_state.json).
@@ -181,7 +184,8 @@ def verify_checkpoint(path: str) -> dict:
             manifest = json.load(fh)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} is unreadable ({err}); resume from an older one") from err
-    problem = first_problem(path, manifest)
+    problem = next(filter(None, all_gather_objects(first_problem(path, manifest,
+                                                                 part=(get_rank(), get_world_size())))), None)
     if problem is not None:
         raise CheckpointError(f"checkpoint file {problem}: checkpoint {path} cannot be trusted; restore the file "
                               "or resume from an older checkpoint")
@@ -244,9 +248,13 @@ def check_resume_config(state: dict, config: PPOConfig, world_size: int) -> list
 
 
 # --- loading -----------------------------------------------------------------------------------------------
-def load_checkpoint(engines, path: str) -> dict:
-    """Restore both training engines and this rank's RNG from a verified checkpoint; returns the trainer state."""
-    state = verify_checkpoint(path)
+def load_checkpoint(engines, path: str, verified_state: Optional[dict] = None) -> dict:
+    """Restore the trained engines and this rank's RNG from a checkpoint; returns the trainer state.
+
+    ``verified_state``: what ``verify_checkpoint(path)`` returned, when the caller has already checked the
+    files (launch/train.py does, before any model loads); None verifies them here.
+    """
+    state = verified_state if verified_state is not None else verify_checkpoint(path)
     for role, engine in engines.trained.items():
         try:
             loaded, _ = engine.load_checkpoint(os.path.join(path, role), tag=TAG,

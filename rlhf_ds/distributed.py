@@ -179,6 +179,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_objects(value) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank (every rank must call it);
+    ``[value]`` without a process group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True when ``flag`` is true on at least one rank, the same answer everywhere (every rank must call it)."""
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)

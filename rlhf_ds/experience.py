@@ -69,13 +69,17 @@ def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor
     Kept in the model's dtype: ``logprobs_from_logits`` upcasts row by row instead of copying all of (B, R, V).
     The forward skips the columns of left padding all rows share, and the LM head runs only on the R + 1 last
     positions (HF ``logits_to_keep``, when the model takes it): the prompt positions' logits are never used,
-    and on a real prompt they are most of the (B, L, V) tensor.
+    and on a real prompt they are most of the (B, L, V) tensor. The positions go in as an index tensor, not
+    a count: HF gathers them into a contiguous (B, R + 1, H) copy where a count gives a strided view, and
+    torch's CPU ``linear`` on a strided 3-D input leaves its fast kernels (bf16 by two orders of magnitude;
+    docs/PERFORMANCE.md has the figures).
 
     Positions follow the attention mask (left padding does not shift them), as in HF ``generate``.
     """
     response_len = sequences.shape[1] - prompt_len
     sequences, attention_mask, prompt_len = _drop_shared_left_padding(sequences, attention_mask, prompt_len)
-    keep = ({"logits_to_keep": response_len + 1}
+    length = sequences.shape[1]
+    keep = ({"logits_to_keep": torch.arange(length - response_len - 1, length, device=sequences.device)}
             if _takes_logits_to_keep(type(getattr(model, "module", model))) else {})
     logits = model(input_ids=sequences, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), use_cache=False, **keep).logits

@@ -6,7 +6,8 @@ a crash) sees the old one or the whole new one (checkpoints, metrics.jsonl, run_
 Manifests: the size and sha256 of every file under a directory, written once the directory is complete (training
 checkpoints, the embedded default's cache). A size catches a truncated or missing file at once; the sha256
 catches what a size cannot: one flipped byte in a weight shard (``torch.load`` does not verify its zip checksums)
-or a hand-edited JSON file of the same length.
+or a hand-edited JSON file of the same length. Hashing gigabytes takes seconds, so W processes can split it:
+``part=(i, W)`` hashes only the i-th of W shares of the files (``share``).
 """
 from __future__ import annotations
 
@@ -58,10 +59,19 @@ def _files(root: str, exclude: tuple[str, ...]) -> list[str]:
     return sorted(found)
 
 
-def describe_files(root: str, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
-    """Relative path -> {"size": bytes, "sha256": hex} of every file under ``root`` but ``exclude``."""
+def share(root: str, names: list[str], part: tuple[int, int]) -> list[str]:
+    """Share ``part[0]`` of ``part[1]`` of ``names`` (paths relative to ``root``): the files dealt round-robin,
+    largest first, so that the shares hold about the same bytes and together hold every name once."""
+    index, count = part
+    by_size = sorted(names, key=lambda rel: (-os.path.getsize(os.path.join(root, rel)), rel))
+    return sorted(by_size[index::count])
+
+
+def describe_files(root: str, exclude: tuple[str, ...] = (), part: tuple[int, int] = (0, 1)) -> dict[str, dict]:
+    """Relative path -> {"size": bytes, "sha256": hex} of every file under ``root`` but ``exclude``, or of the
+    share ``part`` of them (the union of all W parts is the whole)."""
     return {rel: {"size": os.path.getsize(os.path.join(root, rel)), "sha256": sha256_file(os.path.join(root, rel))}
-            for rel in _files(root, exclude)}
+            for rel in share(root, _files(root, exclude), part)}
 
 
 def file_digests(root: str, exclude: tuple[str, ...] = ()) -> dict[str, str]:
@@ -69,10 +79,11 @@ def file_digests(root: str, exclude: tuple[str, ...] = ()) -> dict[str, str]:
     return {rel: sha256_file(os.path.join(root, rel)) for rel in _files(root, exclude)}
 
 
-def first_problem(root: str, expected: dict) -> Optional[str]:
+def first_problem(root: str, expected: dict, part: tuple[int, int] = (0, 1)) -> Optional[str]:
     """None when every file ``expected`` lists is under ``root`` as recorded, else one line naming the first
     that is not. Entries are {"size", "sha256"} dicts, a bare sha256 string, or a bare size (older manifests).
-    All sizes are checked before any file is hashed, so a lost or truncated file is reported as such, fast."""
+    All sizes are checked before any file is hashed, so a lost or truncated file is reported as such, fast.
+    With ``part`` only that share of the files is hashed (every size is still checked)."""
     for rel, entry in expected.items():
         full = os.path.join(root, rel)
         if not os.path.isfile(full):
@@ -80,7 +91,8 @@ def first_problem(root: str, expected: dict) -> Optional[str]:
         size = entry if isinstance(entry, int) else entry.get("size") if isinstance(entry, dict) else None
         if size is not None and os.path.getsize(full) != size:
             return f"{full} has {os.path.getsize(full)} bytes, expected {size} (truncated or corrupt)"
-    for rel, entry in expected.items():
+    for rel in share(root, list(expected), part):
+        entry = expected[rel]
         digest = entry if isinstance(entry, str) else entry.get("sha256") if isinstance(entry, dict) else None
         if digest is not None and sha256_file(os.path.join(root, rel)) != digest:
             return f"{os.path.join(root, rel)} does not match its sha256 (corrupt or edited)"

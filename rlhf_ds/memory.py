@@ -232,12 +232,7 @@ def logits_workspace_bytes(rows: int, response_len: int, vocab: int, element_siz
 
 
 def experience_working_bytes(setup: Setup) -> dict[str, int]:
-    """The largest no-grad forward of the experience phase (each model gathered under ZeRO-3, one at a time).
-
-    On the CPU, torch's bf16/fp16 matmul of a frozen weight (``requires_grad`` off) with a strided input (the
-    response positions the LM head reads) runs through a float32 copy of the weight: the reference model's
-    forward holds 4 V h more bytes (measured; the actor's weights are trainable and take the direct path).
-    """
+    """The largest no-grad forward of the experience phase (each model gathered under ZeRO-3, one at a time)."""
     cfg, b = setup.config, setup.b
     m, P, R, Q = cfg.mini_batch_size, cfg.max_prompt_len, cfg.max_new_tokens, setup.reward_max_len
     forwards = {}
@@ -247,8 +242,6 @@ def experience_working_bytes(setup: Setup) -> dict[str, int]:
         work = layer_workspace_bytes(shape, m, tokens, b)
         if role in ("actor", "reference"):
             work += logits_workspace_bytes(m, R, shape.vocab, b)
-        if role == "reference" and setup.touched and b != 4:
-            work += 4 * shape.vocab * shape.hidden  # see experience_working_bytes' docstring
         if role == "reward":
             work += encoder_attention_bytes(shape, m, tokens, b)
         forwards[role] = gathered_bytes(setup, role) + work

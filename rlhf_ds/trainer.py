@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import time
+from typing import Optional
 
 import torch
 
@@ -315,9 +316,10 @@ class PPOTrainer:
             print(f"checkpoint saved to {path} (iteration {self.iteration})", flush=True)
         return path
 
-    def resume(self, path: str) -> None:
-        """Continue from checkpoint ``path``: engines, RNG, controller, data position, counters."""
-        state = load_checkpoint(self.engines, path)
+    def resume(self, path: str, verified_state: Optional[dict] = None) -> None:
+        """Continue from checkpoint ``path``: engines, RNG, controller, data position, counters
+        (``verified_state``: see ``checkpoint.load_checkpoint``)."""
+        state = load_checkpoint(self.engines, path, verified_state)
         self.load_state_dict(state)
         if is_main_process():
             print(f"resumed from {path} at iteration {self.iteration}", flush=True)

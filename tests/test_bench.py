@@ -287,10 +287,14 @@ def test_gathered_leaves_a_plain_module_alone():
 
 
 def test_response_logits_ignore_shared_left_padding_and_skip_prompt_logits():
+    """...and hand the LM head a contiguous input of the R + 1 kept positions only (a strided one sends torch's
+    CPU bf16 matmul to a slow kernel: docs/PERFORMANCE.md)."""
     from rlhf_ds.experience import response_logits, response_values
     from rlhf_ds.models import position_ids_from_mask
 
     policy = _tiny_qwen2().eval()
+    head_inputs = []
+    policy.lm_head.register_forward_pre_hook(lambda module, args: head_inputs.append(args[0]))
     critic = CriticModel(_tiny_qwen2().model).eval()
     torch.nn.init.normal_(critic.value_head.weight)
     prompt = torch.tensor([[5, 6, 7], [0, 8, 9]])
@@ -302,6 +306,7 @@ def test_response_logits_ignore_shared_left_padding_and_skip_prompt_logits():
         for ids, mask in ((prompt, prompt_mask), (padded_prompt, padded_mask)):
             seq, full_mask = torch.cat([ids, response], 1), torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], 1)
             logits = response_logits(policy, seq, full_mask, ids.shape[1], temperature=0.5)
+            assert head_inputs[-1].shape[1] == 3 and head_inputs[-1].is_contiguous()
             values = response_values(critic, seq, full_mask, ids.shape[1])
             # the plain way: all positions' logits, then the ones that predict the response
             reference = policy(input_ids=seq, attention_mask=full_mask,

@@ -103,6 +103,9 @@ def test_straight_run_keeps_complete_checkpoints_and_latest(straight):
     assert sorted(p.name for p in root.iterdir()) == [checkpoint_name(2), checkpoint_name(4), "latest"]
     state = verify_checkpoint(str(root / checkpoint_name(2)))
     assert state["iteration"] == 2 and state["world_size"] == RANKS and state["data"]["index"] == 2
+    files = {str(p.relative_to(root / checkpoint_name(2))) for p in (root / checkpoint_name(2)).rglob("*")
+             if p.is_file()}  # the ranks hashed a share each: the manifest holds every file
+    assert set(json.loads((root / checkpoint_name(2) / "manifest.json").read_text())) == files - {"manifest.json"}
     shards = {p.name for p in (root / checkpoint_name(2) / "actor" / "state").iterdir()}
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(RANKS)} <= shards
     assert {p.name for p in (root / checkpoint_name(2) / "rng").iterdir()} == {"rank_00000.pt", "rank_00001.pt"}

@@ -19,6 +19,7 @@ import torch
 from rlhf_ds.distributed import (all_reduce_max, all_reduce_mean, barrier, free_port, get_rank, get_world_size,
                                  global_explained_variance, global_masked_mean, global_masked_moments,
                                  global_masked_whiten, global_token_counts, is_main_process, prebuild_comm_ops)
+from rlhf_ds.files import describe_files, share
 from rlhf_ds.ppo import WHITEN_EPS
 from rlhf_ds.sampling import response_mask_from_tokens
 
@@ -86,9 +87,30 @@ def tiny_models(tmp_path_factory) -> Path:
 
 # --- global statistics ------------------------------------------------------------------------------
 
+def last_rank_file(path: Path, world_size: int) -> Path:
+    """The first file of the last rank's hashing share of checkpoint ``path`` (``files.share``)."""
+    names = sorted(p.name for p in path.iterdir() if p.name != "manifest.json")
+    return path / share(str(path), names, (world_size - 1, world_size))[0]
+
+
+def damaged_checkpoint(path: Path, world_size: int) -> None:
+    """A checkpoint directory (files of several sizes, manifest, trainer state) in which one file of the last
+    rank's hashing share has one flipped byte, same size."""
+    path.mkdir(parents=True)
+    for i in range(6):
+        (path / f"shard{i}.bin").write_bytes(os.urandom(1000 * (i + 1)))
+    (path / "trainer_state.json").write_text(json.dumps({"iteration": 2}))
+    (path / "manifest.json").write_text(json.dumps(describe_files(str(path))))
+    victim = last_rank_file(path, world_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+
+
 @pytest.fixture(scope="module")
 def stats_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("stats")
+    damaged_checkpoint(out / "damaged", RANKS)
     return out, launch("run_stats.py", out, str(out))
 
 
@@ -121,6 +143,16 @@ def test_all_reduce_mean_identical_on_all_ranks(stats_run):
     _, results = stats_run
     assert results[0]["metrics"] == results[1]["metrics"]
     assert results[0]["metrics"] == pytest.approx({"loss": 1.5, "kl": 0.15, "reward": -1.0})
+
+
+def test_checkpoint_hashing_is_split_and_every_rank_raises_the_same_error(stats_run):
+    """Each rank hashes one share of the files; the flipped byte lies in the last rank's share, yet every rank
+    names it (the shares are disjoint and cover every file: tests/test_checkpoint.py's manifest check)."""
+    out, results = stats_run
+    victim = last_rank_file(out / "damaged", RANKS)
+    for r in results:
+        assert r["gathered"] == [{"rank": rank} for rank in range(RANKS)]
+        assert f"{victim} does not match its sha256" in r["verify_error"], r["verify_error"]
 
 
 def test_all_reduce_max_and_any_rank(stats_run):

@@ -2,7 +2,8 @@
 
 Every rank holds a different number of valid tokens (and nan/inf at padded positions, which must not
 leak). Each rank saves its raw data and the helpers' results; the test recomputes the statistics on the
-concatenated data in one process and compares.
+concatenated data in one process and compares. ``OUT_DIR/damaged`` (made by the test) is a checkpoint with one
+corrupted file that every rank verifies: the ranks split the hashing (``checkpoint.verify_checkpoint``).
 """
 import json
 import os
@@ -10,8 +11,10 @@ import sys
 
 import torch
 
-from rlhf_ds.distributed import (all_reduce_max, all_reduce_mean, any_rank, exit_process, get_rank, get_world_size,
-                                 global_masked_mean, global_masked_whiten, init_distributed, is_main_process)
+from rlhf_ds.checkpoint import CheckpointError, verify_checkpoint
+from rlhf_ds.distributed import (all_gather_objects, all_reduce_max, all_reduce_mean, any_rank, exit_process,
+                                 get_rank, get_world_size, global_masked_mean, global_masked_whiten, init_distributed,
+                                 is_main_process)
 
 # valid tokens per row: rank 0 holds 9, rank 1 holds 16
 ROW_LENGTHS = {0: [6, 3, 0], 1: [7, 7, 2]}
@@ -25,6 +28,14 @@ def rank_data(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(len(lengths), COLUMNS, generator=gen) * (rank + 1) * 3 + 5 * rank
     padding = float("nan") if rank == 0 else float("inf")
     return torch.where(mask.bool(), x, padding), mask
+
+
+def verify_error(path: str) -> str:
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as err:
+        return str(err)
+    return "no error"
 
 
 def main(out_dir: str) -> None:
@@ -45,6 +56,8 @@ def main(out_dir: str) -> None:
         "max": all_reduce_max({"peak": 100.0 + 50 * rank, "low": -1.0 - rank}),
         "any_rank1": any_rank(rank == 1, torch.device("cpu")),
         "any_none": any_rank(False, torch.device("cpu")),
+        "gathered": all_gather_objects({"rank": rank}),
+        "verify_error": verify_error(os.path.join(out_dir, "damaged")),
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)

@@ -247,25 +247,27 @@ def zero3_json(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def zero2_run(tiny_models, tmp_path_factory):
-    out = tmp_path_factory.mktemp("zero2")
-    return launch("run_engines.py", out, "--stage", "2", "--models", str(tiny_models), "--out", str(out))
+def engine_runs(tiny_models, zero3_json, tmp_path_factory) -> list[dict]:
+    """One launch for run_engines.py's three configurations (ZeRO-2; ZeRO-3; ZeRO-3 bf16 with gradient
+    checkpointing), built one after the other in the same ranks."""
+    out = tmp_path_factory.mktemp("engines")
+    return launch("run_engines.py", out, "--models", str(tiny_models), "--out", str(out),
+                  "--zero3-config", str(zero3_json))
 
 
 @pytest.fixture(scope="module")
-def zero3_run(tiny_models, zero3_json, tmp_path_factory):
-    out = tmp_path_factory.mktemp("zero3")
-    return launch("run_engines.py", out, "--stage", "3", "--models", str(tiny_models), "--out", str(out),
-                  "--ds-config", str(zero3_json))
+def zero2_run(engine_runs):
+    return [r["zero2"] for r in engine_runs]
 
 
 @pytest.fixture(scope="module")
-def zero3_bf16_run(tiny_models, zero3_json, tmp_path_factory):
-    """bf16 + gradient checkpointing: the critic's head made outside zero.Init must match the backbone
-    dtype, and generation must run with the KV cache although checkpointing is on."""
-    out = tmp_path_factory.mktemp("zero3_bf16")
-    return launch("run_engines.py", out, "--stage", "3", "--models", str(tiny_models), "--out", str(out),
-                  "--ds-config", str(zero3_json), "--precision", "bf16", "--gradient-checkpointing")
+def zero3_run(engine_runs):
+    return [r["zero3"] for r in engine_runs]
+
+
+@pytest.fixture(scope="module")
+def zero3_bf16_run(engine_runs):
+    return [r["zero3_bf16"] for r in engine_runs]
 
 
 @pytest.mark.parametrize("run", ["zero2_run", "zero3_run", "zero3_bf16_run"])

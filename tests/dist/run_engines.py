@@ -1,10 +1,11 @@
 """Per-rank half of the engine tests: ``deepspeed --num_gpus 2 --no_local_rank run_engines.py ...``.
 
-Builds the four engines on the tiny fixture models, generates with the hybrid engine (and, under
-ZeRO-3, also the partitioned way, and with "auto" falling back to it when one rank lacks memory), takes
-two optimizer steps on actor and critic with a generation in between (ZeRO-3 hooks must come back), and
-writes per-rank JSON: tokens, masks, losses and SHA-256 digests of every engine's full (gathered)
-parameters before and after training.
+For each configuration of ``RUNS``, one after the other in the same processes (one launch for all): builds
+the four engines on the tiny fixture models, generates with the hybrid engine (and, under ZeRO-3, also the
+partitioned way, and with "auto" falling back to it when one rank lacks memory), takes two optimizer steps on
+actor and critic with a generation in between (ZeRO-3 hooks must come back). Writes one JSON per rank,
+configuration name -> tokens, masks, losses and SHA-256 digests of every engine's full (gathered) parameters
+before and after training.
 """
 import argparse
 import contextlib
@@ -67,23 +68,34 @@ def critic_loss(engine, sequences, attention_mask, response_mask, prompt_len):
     return ((values - 1.0).square() * response_mask).sum() / response_mask.sum()
 
 
+# name -> PPOConfig fields; "zero3_json" stands for --zero3-config (every parameter partitioned). bf16 with
+# gradient checkpointing: the critic's head made outside zero.Init must match the backbone dtype, and
+# generation must run with the KV cache although checkpointing is on.
+RUNS = {"zero2": {"zero_stage": 2},
+        "zero3": {"zero_stage": 3, "ds_config": "zero3_json"},
+        "zero3_bf16": {"zero_stage": 3, "ds_config": "zero3_json", "precision": "bf16",
+                       "gradient_checkpointing": True}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--stage", type=int, required=True)
     parser.add_argument("--models", required=True, help="directory written by fixtures.build_models")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--ds-config", default=None)
-    parser.add_argument("--offload", action="store_true", help="offload optimizer states and parameters to CPU")
+    parser.add_argument("--zero3-config", required=True, help="the DeepSpeed JSON of the ZeRO-3 runs")
     args = parser.parse_args()
+    results = {}
+    for name, fields in RUNS.items():
+        fields = {k: args.zero3_config if v == "zero3_json" else v for k, v in fields.items()}
+        config = PPOConfig(mini_batch_size=BATCH, rollout_batch_size=BATCH, max_new_tokens=MAX_NEW_TOKENS,
+                           **fields).validate()
+        results[name] = run(config, args.models)
+    with open(os.path.join(args.out, f"rank{get_rank()}.json"), "w") as fh:
+        json.dump(results, fh)
 
-    config = PPOConfig(zero_stage=args.stage, mini_batch_size=BATCH, rollout_batch_size=BATCH,
-                       max_new_tokens=MAX_NEW_TOKENS, precision=args.precision,
-                       gradient_checkpointing=args.gradient_checkpointing, ds_config=args.ds_config,
-                       offload_optimizer=args.offload, offload_params=args.offload).validate()
-    policy = os.path.join(args.models, "policy")
-    engines = build_engines(config, policy, policy, os.path.join(args.models, "reward"))
+
+def run(config: PPOConfig, models: str) -> dict:
+    policy = os.path.join(models, "policy")
+    engines = build_engines(config, policy, policy, os.path.join(models, "reward"))
     rank = get_rank()
     device = engines.actor.device
     hybrid = HybridEngine(engines.actor, engines.policy_tokenizer, Sampling(max_new_tokens=MAX_NEW_TOKENS))
@@ -141,12 +153,11 @@ def main() -> None:
                   lr=[group["lr"] for group in engines.actor.optimizer.param_groups])
     # Another engine of another stage in the same process (as the bench builds them): it loads by its own stage,
     # whatever the engines built before it asked transformers for.
-    other_stage = 2 if args.stage == 3 else 3
+    other_stage = 2 if config.zero_stage == 3 else 3
     other = build_engine(dataclasses.replace(config, zero_stage=other_stage, ds_config=None), "reference", policy,
                          engines.hf_ds_configs)
     result["other_stage_partitioned"] = any(hasattr(p, "ds_id") for p in other.module.parameters())
-    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as fh:
-        json.dump(result, fh)
+    return result
 
 
 if __name__ == "__main__":

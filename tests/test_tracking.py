@@ -19,6 +19,7 @@ import rlhf_ds
 from rlhf_ds import tracking
 from rlhf_ds.config import ConfigError, PPOConfig
 from rlhf_ds.tracking import RunLogger, check_trackers, format_metrics, git_revision, write_run_info
+from test_distributed import launch_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -332,13 +333,12 @@ def test_overwrite_deletes_only_the_previous_runs_outputs(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 
-def test_train_py_in_a_used_directory_is_one_line_and_touches_nothing(tmp_path):
+def test_train_py_in_a_used_directory_is_one_line_and_touches_nothing(tmp_path, capsys):
     run = _previous_run(tmp_path / "run")
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--output_dir", str(run)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.count("\n") == 1 and "--resume auto" in proc.stderr and "--overwrite_output_dir" in proc.stderr
+    assert launch_script("train").main(["--output_dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--resume auto" in err and "--overwrite_output_dir" in err, err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 

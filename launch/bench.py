@@ -6,6 +6,7 @@
     python launch/bench.py --model qwen2-small      # random-init Qwen2, 8 layers x 512 (40M parameters)
     python launch/bench.py --model qwen2-0.5b-shape:2   # the real models' stand-ins, 2 of 24 layers (full depth: GPU)
     python launch/bench.py --quick [--ranks 1]      # smoke run, tiny sizes (what tests/test_bench.py runs)
+    python launch/bench.py --only main,generation   # some of the sections below (default: all)
     python launch/bench.py [...] --field value      # PPOConfig overrides, e.g. --rollout_batch_size 32
 
 What it measures (every section records the 1-minute load average next to its figures):
@@ -70,8 +71,26 @@ def _warmup(args) -> int:
     return 0 if args.quick else 1
 
 
+SECTIONS = ("main", "experience", "scaling", "generation", "ranks")
+
+
 def _sections(names: str) -> list[str]:
     return [name for name in names.split(",") if name]
+
+
+def chosen_sections(only: str) -> list[str]:
+    """The sections ``--only`` names (all when empty), in the order they run, with "scaling" added to "ranks"
+    (which compares N ranks with scaling's 1-rank point); an unknown name is an error."""
+    names = set(_sections(only) or SECTIONS)
+    unknown = sorted(names - set(SECTIONS))
+    if unknown:
+        from rlhf_ds.config import ConfigError
+
+        raise ConfigError(f"--only {only!r}: unknown section(s) {', '.join(unknown)}; choose from "
+                          f"{', '.join(SECTIONS)}")
+    if "ranks" in names:
+        names.add("scaling")
+    return [name for name in SECTIONS if name in names]
 
 
 def _run_iterations(trainer, batches, count: int) -> list[dict]:
@@ -447,11 +466,14 @@ def run(args, overrides: list[str]) -> dict:
         policy, _, _ = resolve_model_paths(config)  # built here once, before the workers look for it
         policy_dir = random_qwen2_small(policy, os.path.join(out, args.model)) if args.model == "qwen2-small" else None
         figures = {**_environment(args, config, ranks), "loadavg_start": benchmark.loadavg()}
-        single = ["main", "experience", "scaling"] + (["generation"] if ranks == 1 else [])
-        figures.update(_start_worker(args, overrides, single, 1, out, policy_dir))
-        if ranks > 1:
+        wanted = [name for name in chosen_sections(args.only) if ranks > 1 or name != "ranks"]  # N against 1
+        multi = [name for name in ("generation", "ranks") if name in wanted] if ranks > 1 else []
+        single = [name for name in wanted if name not in multi]
+        if single:
+            figures.update(_start_worker(args, overrides, single, 1, out, policy_dir))
+        if multi:
             prebuild_comm_ops()
-            figures.update(_start_worker(args, overrides, ["generation", "ranks"], ranks, out, policy_dir))
+            figures.update(_start_worker(args, overrides, multi, ranks, out, policy_dir))
         figures["loadavg_end"] = benchmark.loadavg()
     return figures
 
@@ -560,6 +582,8 @@ def main(argv: list[str]) -> int:
                         "(default 2 on CPU, min(2, GPUs) on GPU; 1 runs everything in one process)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 prompts x 8 tokens, 1 PPO epoch, 1 "
                         "iteration and repeat, no warm-up (checks that everything runs; the figures mean little)")
+    parser.add_argument("--only", default="", help=f"comma-separated sections to run (default all: "
+                        f"{','.join(SECTIONS)})")
     parser.add_argument("--json", help="write the figures to this file (one flat JSON object)")
     parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="compare two --json files")
     parser.add_argument("--threshold", type=float, default=0.10, help="--compare: flag changes beyond this "
@@ -587,6 +611,7 @@ def main(argv: list[str]) -> int:
 
 
     def bench() -> int:
+        chosen_sections(args.only)  # a bad --only fails before anything loads
         figures = run(args, overrides)
         print(format_figures(figures))
         if args.json:

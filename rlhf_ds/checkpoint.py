@@ -359,16 +359,17 @@ def export_checkpoint(path: str, out_dir: str, critic_out: Optional[str] = None,
     for target in filter(None, (out_dir, critic_out)):
         check_export_target(target, path, overwrite)
     meta = os.path.join(path, "policy_meta")
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(meta), dtype=torch.float32)
+    with torch.device("meta"):  # structure and config only: the weights written are the checkpoint's own
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(meta), dtype=torch.float32)
     state = consolidated_state_dict(path, "actor")
-    _load_full_state(model, state, path)
+    _check_full_state(model, state, path)
     _save_causal_lm(model, state, load_saved_tokenizer(meta, trust_remote_code=False), out_dir, source=path)
     if critic_out is not None:
-        backbone = AutoModel.from_config(AutoConfig.from_pretrained(os.path.join(path, "critic_meta")),
-                                         dtype=torch.float32)
-        critic = CriticModel(backbone)
+        with torch.device("meta"):
+            critic = CriticModel(AutoModel.from_config(AutoConfig.from_pretrained(os.path.join(path, "critic_meta")),
+                                                       dtype=torch.float32))
         critic_state = consolidated_state_dict(path, "critic")
-        _load_full_state(critic, critic_state, path)
+        _check_full_state(critic, critic_state, path)
         tmp = critic_out + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_critic(critic, tmp, critic_state)
@@ -377,11 +378,14 @@ def export_checkpoint(path: str, out_dir: str, critic_out: Optional[str] = None,
     return out_dir
 
 
-def _load_full_state(model: torch.nn.Module, state: dict, path: str) -> None:
-    """Load ``state`` into ``model``; only tied weights (Qwen2's lm_head = embeddings) may be absent."""
-    tied = {name for name, param in model.named_parameters(remove_duplicate=False)} - set(
-        dict(model.named_parameters()))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if set(missing) - tied or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not match its saved model config (missing "
-                              f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+def _check_full_state(model: torch.nn.Module, state: dict, path: str) -> None:
+    """``state`` has every tensor of ``model`` (a meta-device model: names and shapes) at its shape; only tied
+    weights (Qwen2's lm_head = embeddings) may be absent."""
+    expected = model.state_dict()
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(dict(model.named_parameters()))
+    missing = sorted(set(expected) - set(state) - tied)
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or reshaped:
+        raise CheckpointError(f"checkpoint {path} does not match its saved model config (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}, other shape {reshaped[:3]})")

@@ -48,12 +48,16 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env)
 
 
-def bench_main(*args: str) -> int:
-    """launch/bench.py's ``main`` in this process: for refusals, which happen before it starts any rank."""
+def _bench_module():
     spec = importlib.util.spec_from_file_location("bench_cli", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main(list(args))
+    return module
+
+
+def bench_main(*args: str) -> int:
+    """launch/bench.py's ``main`` in this process: for refusals, which happen before it starts any rank."""
+    return _bench_module().main(list(args))
 
 
 # --- one real run --------------------------------------------------------------------------------------------
@@ -117,16 +121,27 @@ def test_scaling_grid_and_table(quick_run):
 
 
 def test_qwen2_small_swaps_in_a_random_qwen2_of_that_shape(quick_run, tmp_path):
-    """--model qwen2-small: the same sections on a random-init 8 x 512 Qwen2 (the policy's tokenizer); the
-    update's FLOPs show that the bigger model, not the policy, was timed."""
+    """--model qwen2-small: a random-init 8 x 512 Qwen2 (the policy's tokenizer) in the main and generation
+    sections (--only); the update's FLOPs show that the bigger model, not the policy, was timed."""
     models = _fixture_models(tmp_path / "models")
     out = tmp_path / "small.json"
-    proc = _run("--quick", "--ranks", "1", "--model", "qwen2-small", "--json", str(out),
+    proc = _run("--quick", "--ranks", "1", "--model", "qwen2-small", "--only", "main,generation", "--json", str(out),
                 "--policy_model", models["policy"], "--reward_model", models["reward"])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     small, tiny = json.loads(out.read_text()), quick_run[0]
     assert small["model"] == "qwen2-small" and small["generation_same_tokens"] == 1
     assert small["update_gflop"] > 100 * tiny["update_gflop"]
+    assert not any(key.startswith(("scaling_", "experience_batched", "ranks2")) for key in small)  # not chosen
+
+
+def test_only_names_known_sections_and_ranks_brings_scaling(capsys):
+    bench = _bench_module()
+    assert bench.chosen_sections("") == list(bench.SECTIONS)
+    assert bench.chosen_sections("generation,main") == ["main", "generation"]
+    assert bench.chosen_sections("ranks") == ["scaling", "ranks"]
+    assert bench_main("--only", "main,speed") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --only 'main,speed': unknown section(s) speed") and len(err.splitlines()) == 1
 
 
 # --- --compare -----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ the hash of every rollout's sampled tokens on every rank, and the final policy w
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -325,6 +326,27 @@ def test_resume_refuses_config_changes_that_break_exactness(straight):
         check_resume_config(state, same, 1)
     forced = PPOConfig.from_dict({**state["config"], "actor_lr": 1e-5, "force_resume": True})
     assert check_resume_config(state, forced, RANKS) == ["actor_lr=0.0001->1e-05"]
+
+
+def test_export_checks_names_and_shapes_against_a_meta_model_of_the_saved_config():
+    """Export builds the model on the meta device (no weights, no init) and checks the checkpoint's tensors
+    against its names and shapes; the tied LM head may be absent, nothing else."""
+    from transformers import Qwen2ForCausalLM
+
+    from rlhf_ds.checkpoint import _check_full_state
+    from rlhf_ds.models import tiny_qwen2_config
+
+    config = tiny_qwen2_config(vocab_size=40, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    state = {k: v for k, v in Qwen2ForCausalLM(config).state_dict().items() if k != "lm_head.weight"}
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    _check_full_state(model, state, "ckpt")  # complete: no error
+    name = "model.layers.0.mlp.up_proj.weight"
+    for broken, needle in (({k: v for k, v in state.items() if k != name}, f"missing ['{name}']"),
+                           ({**state, "extra.weight": torch.zeros(1)}, "unexpected ['extra.weight']"),
+                           ({**state, name: state[name][:-1]}, f"other shape ['{name}']")):
+        with pytest.raises(CheckpointError, match=re.escape(needle)):
+            _check_full_state(model, broken, "ckpt")
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):

@@ -315,6 +315,7 @@ def _stop_at_time_limit_warning(script: Path, env: dict, args: list[str], out: P
     stopped_at = len(_metrics(out))
     assert 1 <= stopped_at < LONG, "the run should have stopped early"
     assert (out / "checkpoints" / f"iter_{stopped_at:07d}" / "manifest.json").is_file()
+    assert not (out / "policy").exists(), "a stopped run exports nothing: it is not finished"
     return output, stopped_at
 
 

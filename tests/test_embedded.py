@@ -73,19 +73,15 @@ def test_saved_models_give_the_same_outputs(tmp_path):
     _same_weights_and_outputs(reward, models.reward, pair)
 
 
-def test_build_is_deterministic(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    train_models(TINY).save(a)
-    train_models(TINY).save(b)
-    for name in ("policy/model.safetensors", "reward/model.safetensors", "policy/tokenizer.json"):
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
-
-
-def test_cache_reuse_corruption_and_unwritable(tmp_path, monkeypatch):
+def test_cache_reuse_corruption_rebuild_determinism_and_unwritable(tmp_path, monkeypatch):
+    """A build is reused, a corrupted one is rebuilt (to the same bytes: the build is deterministic), and an
+    unusable cache location is one error naming RLHF_DS_CACHE."""
     monkeypatch.setenv("RLHF_DS_CACHE", str(tmp_path / "cache"))
     first = build(TINY)
     assert first.root == cache_dir(TINY) and verify(first.root) is None
     assert json.loads((first.root / "manifest.json").read_text())["quality"]["reward_accuracy"] >= 0
+    built = {name: (first.root / name).read_bytes()
+             for name in ("policy/model.safetensors", "reward/model.safetensors", "policy/tokenizer.json")}
 
     start = time.time()
     assert build(TINY).root == first.root
@@ -97,6 +93,8 @@ def test_cache_reuse_corruption_and_unwritable(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="broken"):
         rebuilt = build(TINY)
     assert verify(rebuilt.root) is None
+    for name, data in built.items():
+        assert (rebuilt.root / name).read_bytes() == data, name
 
     os.remove(rebuilt.root / "reward" / "config.json")
     assert "missing" in verify(rebuilt.root)

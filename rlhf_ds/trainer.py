@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import os
 import time
-from typing import Optional
 
 import torch
 
@@ -197,9 +196,10 @@ class PPOTrainer:
                     with self.observer.update_part("forward"):
                         losses = self._minibatch_losses(mb, kl_coef, num_tokens=tokens / self.world_size)
                     engine_losses = {"actor": losses["policy_loss"] + losses["entropy_loss"]
-                                     + losses.get("kl_loss", 0.0),
-                                     "critic": cfg.vf_coef * losses["value_loss"] if "critic" in trained else None}
-                    if any_rank(not all(bool(torch.isfinite(engine_losses[role])) for role in trained), self.device):
+                                     + losses.get("kl_loss", 0.0)}
+                    if "critic" in trained:
+                        engine_losses["critic"] = cfg.vf_coef * losses["value_loss"]
+                    if any_rank(not all(bool(torch.isfinite(loss)) for loss in engine_losses.values()), self.device):
                         skipped += 1
                         continue
                     for role, engine in trained.items():
@@ -316,7 +316,7 @@ class PPOTrainer:
             print(f"checkpoint saved to {path} (iteration {self.iteration})", flush=True)
         return path
 
-    def resume(self, path: str, verified_state: Optional[dict] = None) -> None:
+    def resume(self, path: str, verified_state: dict | None = None) -> None:
         """Continue from checkpoint ``path``: engines, RNG, controller, data position, counters
         (``verified_state``: see ``checkpoint.load_checkpoint``)."""
         state = load_checkpoint(self.engines, path, verified_state)

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,8 @@ from transformers import Qwen2ForCausalLM
 
 from rlhf_ds import benchmark
 from rlhf_ds.models import CriticModel, tiny_qwen2_config
+
+import forked
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "launch" / "bench.py"
@@ -43,9 +44,7 @@ def _fixture_models(root: Path) -> dict:
 def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     # One torch thread per rank: several spinning OpenMP threads on a shared CPU can slow a run 30x, and the
     # tests check what the benchmark reports, not how fast it is.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(BENCH), *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return forked.run(BENCH, list(args), env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO, timeout=timeout)
 
 
 def _bench_module():

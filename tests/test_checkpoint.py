@@ -6,13 +6,9 @@ with the same small configuration, and is compared with one straight run of it: 
 the hash of every rollout's sampled tokens on every rank, and the final policy weights.
 """
 import json
-import os
 import random
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,39 +20,34 @@ from safetensors.torch import load_file
 from rlhf_ds.checkpoint import (CheckpointError, check_resume_config, checkpoint_name,
                                 find_checkpoint, rng_state, set_rng_state, verify_checkpoint)
 from rlhf_ds.config import ConfigError, PPOConfig
-from rlhf_ds.distributed import free_port
+import forked
 from test_distributed import LAUNCH_TIMEOUT_S, RANKS, REPO, launch_script, prepare_training_runs
 
 ITERATIONS = 4
 RUN_ARGS = ["--iterations", str(ITERATIONS), "--save_interval", "2", "--rollout_batch_size", "4",
             "--mini_batch_size", "2", "--max_new_tokens", "8", "--tensorboard", "false"]
 RUN_CLI = REPO / "tests" / "dist" / "run_cli.py"
+TRAIN, EXPORT = REPO / "launch" / "train.py", REPO / "launch" / "export.py"
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < RANKS,
                                 reason=f"the launcher would start {RANKS} ranks on one GPU")
 
 
-def start(output_dir: Path, fault: str = "none", *extra: str) -> subprocess.Popen:
-    """Start launch/train.py on RANKS ranks (deepspeed launcher) in its own process group."""
+def start(output_dir: Path, fault: str = "none", *extra: str) -> forked.Job:
+    """Start launch/train.py on RANKS ranks (tests/forked.py) through tests/dist/run_cli.py."""
     prepare_training_runs()
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(RANKS), "--no_local_rank",
-           "--master_port", str(free_port()), str(RUN_CLI), fault, *RUN_ARGS, "--output_dir", str(output_dir),
-           *extra]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return forked.start(RUN_CLI, [fault, *RUN_ARGS, "--output_dir", str(output_dir), *extra], ranks=RANKS, cwd=REPO)
 
 
 def run(output_dir: Path, fault: str = "none", *extra: str) -> tuple[int, str]:
-    proc = start(output_dir, fault, *extra)
-    out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    return proc.returncode, out
+    proc = start(output_dir, fault, *extra).wait(LAUNCH_TIMEOUT_S)
+    return proc.returncode, proc.stdout + proc.stderr
 
 
-def wait_for_lines(path: Path, count: int, proc: subprocess.Popen) -> None:
+def wait_for_lines(path: Path, count: int, job: forked.Job) -> None:
     deadline = time.time() + LAUNCH_TIMEOUT_S
     while not (path.exists() and len(path.read_text().splitlines()) >= count):
-        assert proc.poll() is None, f"run ended before {count} iterations:\n{proc.stdout.read()[-4000:]}"
+        assert job.poll() is None, f"run ended before {count} iterations:\n{(job.stdout() + job.stderr())[-4000:]}"
         assert time.time() < deadline
         time.sleep(0.2)
 
@@ -109,10 +100,9 @@ def test_sigkill_mid_run_then_during_save_keeps_the_last_checkpoint_and_resume_i
     """One run killed twice, then finished: SIGKILL to the whole job during iteration 3 (checkpoint 2 complete),
     then the resumed job SIGKILLed while it writes checkpoint 4 (its first save); the last resume must give the
     straight run bit for bit."""
-    proc = start(tmp_path)
-    wait_for_lines(tmp_path / "metrics.jsonl", 3, proc)  # iteration 2 logged: checkpoint 2 is complete
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    job = start(tmp_path)
+    wait_for_lines(tmp_path / "metrics.jsonl", 3, job)  # iteration 2 logged: checkpoint 2 is complete
+    job.kill()
     rc, out = run(tmp_path, "kill@1", "--resume", "auto")  # killed while writing the iteration-4 checkpoint
     assert rc != 0 and f"resumed from {tmp_path / 'checkpoints' / checkpoint_name(2)}" in out, out[-3000:]
     assert (tmp_path / "checkpoints" / "latest").read_text() == checkpoint_name(2)
@@ -174,9 +164,7 @@ def test_truncated_file_is_named(damaged):
 def test_missing_rank_shard_is_named_by_the_cli(damaged, tmp_path):
     shard = damaged / "actor" / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     shard.unlink()
-    proc = subprocess.run([sys.executable, "launch/train.py", *RUN_ARGS, "--output_dir", str(tmp_path),
-                           "--resume", str(damaged)], cwd=REPO, capture_output=True, text=True,
-                          timeout=LAUNCH_TIMEOUT_S)
+    proc = forked.run(TRAIN, [*RUN_ARGS, "--output_dir", str(tmp_path), "--resume", str(damaged)], cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: checkpoint file {shard} is missing: checkpoint {damaged} cannot be trusted; restore the file or "
@@ -206,9 +194,8 @@ def test_one_changed_byte_is_refused_by_resume_export_and_evaluation(damaged, tm
         assert launch_script(cli).main(argv) == 2, cli
         err = capsys.readouterr().err
         assert err.startswith("error: ") and len(err.splitlines()) == 1 and "does not match its sha256" in err, err
-    proc = subprocess.run([sys.executable, "launch/train.py", *RUN_ARGS, "--output_dir", str(tmp_path / "resumed"),
-                           "--resume", str(damaged)], cwd=REPO, capture_output=True, text=True,
-                          timeout=LAUNCH_TIMEOUT_S)
+    proc = forked.run(TRAIN, [*RUN_ARGS, "--output_dir", str(tmp_path / "resumed"), "--resume", str(damaged)],
+                      cwd=REPO)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "does not match its sha256" in errors[0] and "Traceback" not in proc.stderr
@@ -346,9 +333,7 @@ def test_export_cli_matches_the_trained_policy_and_critic(straight, tmp_path):
     from rlhf_ds.models import load_critic
 
     ckpt = straight / "checkpoints" / checkpoint_name(ITERATIONS)
-    proc = subprocess.run([sys.executable, "launch/export.py", str(ckpt), str(tmp_path / "policy"),
-                           "--critic", str(tmp_path / "critic")], cwd=REPO, capture_output=True, text=True,
-                          timeout=LAUNCH_TIMEOUT_S)
+    proc = forked.run(EXPORT, [str(ckpt), str(tmp_path / "policy"), "--critic", str(tmp_path / "critic")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
     trained = AutoModelForCausalLM.from_pretrained(straight / "policy")  # exported live from the engine
@@ -360,16 +345,14 @@ def test_export_cli_matches_the_trained_policy_and_critic(straight, tmp_path):
         assert torch.equal(loaded(ids).logits, trained(ids).logits)  # the pipeline runs the trained weights
     critic = load_critic(str(tmp_path / "critic"), torch.float32)
     assert critic.value_head.weight.abs().sum() > 0  # trained away from its zero init
-    bad = subprocess.run([sys.executable, "launch/export.py", str(tmp_path / "nowhere"), str(tmp_path / "x")],
-                         cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    bad = forked.run(EXPORT, [str(tmp_path / "nowhere"), str(tmp_path / "x")])
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
 
 
 def test_evaluate_accepts_a_checkpoint(straight, tmp_path):
     ckpt = straight / "checkpoints" / checkpoint_name(ITERATIONS)
-    proc = subprocess.run([sys.executable, "launch/evaluate.py", "--policy", str(ckpt), "--num_prompts", "4",
-                           "--max_new_tokens", "4", "--output_dir", str(tmp_path)], cwd=REPO, capture_output=True,
-                          text=True, timeout=LAUNCH_TIMEOUT_S)
+    proc = forked.run(REPO / "launch" / "evaluate.py", ["--policy", str(ckpt), "--num_prompts", "4",
+                                                         "--max_new_tokens", "4", "--output_dir", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["num_prompts"] == 4 and summary["kl_mean"] > 0  # the trained policy, not the reference

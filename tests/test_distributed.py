@@ -1,4 +1,4 @@
-"""Multi-rank tests through the real deepspeed launcher: 2 CPU ranks with gloo, no mocks.
+"""Multi-rank tests: 2 CPU ranks with gloo (forked with the launcher's environment: tests/forked.py), no mocks.
 
 Each launch runs a script from tests/dist/ that writes one JSON per rank; the assertions here compare
 ranks with each other and with a single-process computation on the same data. One launch per
@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import forked
 
 from rlhf_ds.distributed import (all_reduce_max, all_reduce_mean, barrier, free_port, get_rank, get_world_size,
                                  global_explained_variance, global_masked_mean, global_masked_moments,
@@ -57,16 +59,13 @@ def launch_script(name: str):
 
 
 def launch(script: str, out_dir: Path, *args: str) -> list[dict]:
-    """Run tests/dist/<script> on RANKS ranks with the deepspeed launcher; return each rank's JSON."""
+    """Run tests/dist/<script> on RANKS ranks (forked: tests/forked.py); return each rank's JSON."""
     prebuild_deepspeed_ops()
     out_dir.mkdir(parents=True, exist_ok=True)
-    port = str(free_port())
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(RANKS), "--no_local_rank",
-           "--master_port", port, str(DIST / script), *args]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    job = forked.start(DIST / script, list(args), ranks=RANKS, cwd=REPO)
+    proc = job.wait(LAUNCH_TIMEOUT_S)
     assert proc.returncode == 0, f"{script} failed:\n{(proc.stdout + proc.stderr)[-6000:]}"
-    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{job.port}_*"))
     assert not leaked, f"shared-memory buffers left behind: {leaked}"
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(RANKS)]
 

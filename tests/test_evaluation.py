@@ -4,8 +4,6 @@ summary, a perturbed policy, and bad inputs."""
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +14,8 @@ from rlhf_ds.catalog import resolve_model_paths
 from rlhf_ds.evaluation import evaluate, evaluate_policy, load_models, sequence_kl, summarize
 from rlhf_ds.sampling import Sampler, Sampling
 from rlhf_ds.models import load_tokenizer, tiny_qwen2_config
+
+import forked
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROMPTS, NEW_TOKENS, BATCH = 8, 8, 4
@@ -184,9 +184,8 @@ def test_a_perturbed_policy_has_positive_kl(paths, perturbed_policy):
 
 
 def test_cli_bad_policy_path_is_one_line_and_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "evaluate.py"), "--policy",
-                           str(tmp_path / "no_such_dir")], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = forked.run(os.path.join(ROOT, "launch", "evaluate.py"), ["--policy", str(tmp_path / "no_such_dir")],
+                      env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --policy") and "no_such_dir" in lines[0], proc.stderr

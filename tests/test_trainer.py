@@ -1,4 +1,4 @@
-"""The PPO trainer: 2 CPU ranks under ZeRO-3 through the real launcher, experience correctness, and the one-line
+"""The PPO trainer: 2 CPU ranks under ZeRO-3 (forked: tests/forked.py), experience correctness, and the one-line
 errors of launch/train.py.
 
 The run is short (3 iterations of 4 prompts per rank) on the embedded default, built once and cached; it tests
@@ -9,8 +9,6 @@ test_learning.py; test_distributed.py keeps ZeRO-2 engines' ranks identical.
 """
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,9 +20,11 @@ from rlhf_ds.models import load_reward_model, load_reward_tokenizer, load_tokeni
 from rlhf_ds.experience import ExperienceMaker
 from rlhf_ds.models import CriticModel
 from rlhf_ds.sampling import Sampling
+import forked
 from test_distributed import launch, launch_script
 
 REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "launch" / "train.py"
 RUN_ARGS = ["--iterations", "3", "--rollout_batch_size", "4", "--mini_batch_size", "2", "--max_new_tokens", "16",
             "--ppo_epochs", "2", "--max_prompts", "64", "--normalize_reward", "true"]
 
@@ -206,8 +206,7 @@ def test_train_py_bad_input_is_one_line_and_exit_2(args, needle, tmp_path, capsy
 
 
 def test_fewer_prompts_than_one_global_batch_is_one_line_before_any_model_loads(embedded, tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--max_prompts", "8",
-                           "--output_dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    proc = forked.run(TRAIN, ["--max_prompts", "8", "--output_dir", str(tmp_path / "run")])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and "8 prompts is fewer than one global batch" in proc.stderr
     assert "placement" not in proc.stdout  # nothing was loaded
@@ -221,10 +220,9 @@ def test_non_finite_scores_are_skipped_counted_and_stop_the_run(embedded, tmp_pa
         reward.classifier.bias.fill_(float("nan"))
     reward.save_pretrained(tmp_path / "nan_reward")
     reward_tok.save_pretrained(tmp_path / "nan_reward")
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--reward_model",
-                           str(tmp_path / "nan_reward"), "--iterations", "5", "--max_skipped_batches", "2",
-                           "--rollout_batch_size", "4", "--mini_batch_size", "4", "--output_dir", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=300)
+    proc = forked.run(TRAIN, ["--reward_model", str(tmp_path / "nan_reward"), "--iterations", "5",
+                              "--max_skipped_batches", "2", "--rollout_batch_size", "4", "--mini_batch_size", "4",
+                              "--output_dir", str(tmp_path / "run")])
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "2 consecutive rollouts skipped (non-finite reward score)" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -239,10 +237,9 @@ def test_rloo_and_reinforce_pp_train_through_train_py(estimator, samples, embedd
     and carry no value terms, the KL is in the reward (neither puts it in the loss by default), the policy is
     exported."""
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--advantage_estimator", estimator,
-                           "--samples_per_prompt", str(samples), "--iterations", "2", "--rollout_batch_size", "2",
-                           "--mini_batch_size", str(2 * samples), "--max_new_tokens", "8", "--output_dir", str(run)],
-                          capture_output=True, text=True, timeout=300)
+    proc = forked.run(TRAIN, ["--advantage_estimator", estimator, "--samples_per_prompt", str(samples),
+                              "--iterations", "2", "--rollout_batch_size", "2", "--mini_batch_size", str(2 * samples),
+                              "--max_new_tokens", "8", "--output_dir", str(run)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "critic    none: the advantage estimator needs no critic" in proc.stdout
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

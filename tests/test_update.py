@@ -2,15 +2,13 @@
 checkpointing that really recomputes, a mini-batch skipped on every rank when one rank's loss is non-finite,
 the first ratio of an update, and rollouts with a single valid token (tests/dist/run_update.py)."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_distributed import DIST, LAUNCH_TIMEOUT_S, REPO, _fixtures_module, launch
+import forked
+from test_distributed import DIST, REPO, _fixtures_module, launch
 
 SGD = {"optimizer": {"type": "SGD", "params": {"lr": 0.1}}, "zero_allow_untested_optimizer": True,
        "zero_optimization": {"stage": 2}}
@@ -24,9 +22,7 @@ def runs(tmp_path_factory):
     args = (str(root / "models"), None, str(root / "sgd.json"))
     two = launch("run_update.py", root / "two", args[0], str(root / "two"), args[2])
     (root / "one").mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(DIST)])}
-    proc = subprocess.run([sys.executable, str(DIST / "run_update.py"), args[0], str(root / "one"), args[2]],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    proc = forked.run(DIST / "run_update.py", [args[0], str(root / "one"), args[2]], cwd=REPO)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     one = json.loads((root / "one" / "rank0.json").read_text())
     return root, two, one

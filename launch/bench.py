@@ -40,7 +40,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from rlhf_ds import benchmark  # noqa: E402  (torch only; the heavy imports wait for the workers)
-from rlhf_ds.distributed import free_port, prebuild_comm_ops  # noqa: E402
+from rlhf_ds.distributed import free_port  # noqa: E402
 from rlhf_ds.errors import fail, run_main  # noqa: E402
 
 PHASES = ("generation", "experience", "update")
@@ -472,7 +472,6 @@ def run(args, overrides: list[str]) -> dict:
         if single:
             figures.update(_start_worker(args, overrides, single, 1, out, policy_dir))
         if multi:
-            prebuild_comm_ops()
             figures.update(_start_worker(args, overrides, multi, ranks, out, policy_dir))
         figures["loadavg_end"] = benchmark.loadavg()
     return figures

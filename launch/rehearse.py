@@ -2,7 +2,8 @@
 
     python launch/rehearse.py                          # 2 ranks, 2 of 24 layers, ZeRO-2/3 x fp32/bf16, 2 iterations
     python launch/rehearse.py --layers 24 --ranks 8    # the real depth, on a GPU node
-    python launch/rehearse.py --quick                  # what CI runs: 1 layer, short dialogues, few tokens
+    python launch/rehearse.py --quick                  # 1 layer, short dialogues, few tokens
+    python launch/rehearse.py --quick --stages 3 --precisions bf16 --no_resume   # what CI runs
     python launch/rehearse.py [...] --field value      # PPOConfig overrides for every run, e.g. --max_new_tokens 32
 
 The stand-ins (``rlhf_ds/standins.py``) are random-weight models of the real architectures at their exact widths,
@@ -12,10 +13,10 @@ are long multi-turn dialogues written for the rehearsal, so prompts are cut at `
 model's (question, answer) pairs at ``reward_max_len``, from the left, as long HH-RLHF dialogues are.
 
 Each (ZeRO stage, precision) is one run of ``launch/train.py`` through the DeepSpeed launcher for ``--iterations``
-iterations, then the same command with ``--resume auto`` for one more, then ``launch/export.py`` of its last
-checkpoint. A run passes when its metrics are finite, no rollout was skipped, prompts and reward inputs were cut
-(``prompts_truncated``, ``reward_inputs_truncated`` > 0), the resumed iteration continues the KL controller where
-the first run left it, and the export loads as a causal LM with the real vocabulary. One line per run, then a
+iterations, then the same command with ``--resume auto`` for one more (unless ``--no_resume``), then
+``launch/export.py`` of its last checkpoint. A run passes when its metrics are finite, no rollout was skipped, prompts and reward inputs were cut
+(``prompts_truncated``, ``reward_inputs_truncated`` > 0), each iteration (the resumed one too) continues the KL
+controller where the one before left it, and the export loads as a causal LM with the real vocabulary. One line per run, then a
 table; exit 1 on a failure.
 Logs and outputs stay in ``--out`` (default: a new directory under /tmp); a passing run's checkpoints (several GB
 each) are deleted once checked and exported, unless ``--keep_checkpoints``.
@@ -35,7 +36,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from rlhf_ds.distributed import free_port, prebuild_comm_ops  # noqa: E402
+from rlhf_ds.distributed import free_port  # noqa: E402
 from rlhf_ds.errors import run_main  # noqa: E402
 
 CONFIG = os.path.join(REPO, "launch", "configs", "qwen2_hh.yaml")
@@ -92,11 +93,12 @@ def _train(args, ranks: int, out: str, iterations: int, stage: int, precision: s
 
 
 def check_run(out: str, iterations: int, export_dir: str) -> list[str]:
-    """What is wrong with a finished rehearsal run (empty when nothing): see the module docstring."""
+    """What is wrong with a finished rehearsal run of ``iterations`` iterations in all (empty when nothing):
+    see the module docstring."""
     problems = []
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    if [m["iteration"] for m in metrics] != list(range(iterations + 1)):
-        problems.append(f"iterations logged {[m['iteration'] for m in metrics]}, expected 0..{iterations}")
+    if [m["iteration"] for m in metrics] != list(range(iterations)):
+        problems.append(f"iterations logged {[m['iteration'] for m in metrics]}, expected 0..{iterations - 1}")
     bad = sorted({k for m in metrics for k, v in m.items()
                   if isinstance(v, float) and not math.isfinite(v)})
     if bad:
@@ -106,7 +108,7 @@ def check_run(out: str, iterations: int, export_dir: str) -> list[str]:
     for metric, limit in (("prompts_truncated", "max_prompt_len"), ("reward_inputs_truncated", "reward_max_len")):
         if not any(m.get(metric, 0) > 0 for m in metrics):
             problems.append(f"{metric} is 0: no input was cut at {limit} (the long dialogues should be)")
-    if len(metrics) == iterations + 1 and metrics[-1]["kl_coef"] != metrics[-2]["next_kl_coef"]:
+    if len(metrics) > 1 and metrics[-1]["kl_coef"] != metrics[-2]["next_kl_coef"]:
         problems.append(f"resumed kl_coef {metrics[-1]['kl_coef']} != the first run's last next_kl_coef "
                         f"{metrics[-2]['next_kl_coef']}")
     from transformers import AutoConfig
@@ -131,20 +133,21 @@ def rehearse(args, overrides: list[str]) -> int:
     layers = f"{args.layers}"
     resolve_model_paths(PPOConfig(policy_model=f"qwen2-0.5b-shape:{layers}",
                                   reward_model=f"deberta-v3-large-shape:{layers}"))  # build once, before the ranks
-    prebuild_comm_ops()
     rows, failed = [], False
     for stage in args.stages:
         for precision in args.precisions:
             name = f"zero{stage}_{precision}"
             out, log = os.path.join(root, name), os.path.join(root, f"{name}.log")
             start = time.perf_counter()
-            codes = [_train(args, ranks, out, args.iterations, stage, precision, data, overrides, log),
-                     _train(args, ranks, out, args.iterations + 1, stage, precision, data, overrides, log)]
+            iterations = args.iterations + (0 if args.no_resume else 1)
+            codes = [_train(args, ranks, out, args.iterations, stage, precision, data, overrides, log)]
+            if not args.no_resume:
+                codes.append(_train(args, ranks, out, iterations, stage, precision, data, overrides, log))
             export_dir = os.path.join(root, f"{name}_policy")  # outside the run directory, as export requires
             codes.append(_run([sys.executable, os.path.join(REPO, "launch", "export.py"), out, export_dir,
                                "--overwrite"], log))
-            problems = ([f"exit codes {codes} (train, resume, export): see {log}"] if any(codes)
-                        else check_run(out, args.iterations, export_dir))
+            problems = ([f"exit codes {codes} (train, {'' if args.no_resume else 'resume, '}export): see {log}"]
+                        if any(codes) else check_run(out, iterations, export_dir))
             failed |= bool(problems)
             if not problems and not args.keep_checkpoints:  # several GB per run, checked and exported
                 shutil.rmtree(os.path.join(out, "checkpoints"))
@@ -195,6 +198,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--iterations", type=int, default=None, help="iterations before the resume (default 2, "
                         "--quick 1)")
     parser.add_argument("--quick", action="store_true", help="1 layer, short dialogues, 8 new tokens")
+    parser.add_argument("--no_resume", action="store_true", help="train and export only, no resumed run (CI's "
+                        "rehearsal: tests/test_checkpoint.py resumes ZeRO-3 bf16 bit for bit on tiny models)")
     parser.add_argument("--out", help="directory for the runs (default: a new one under /tmp)")
     parser.add_argument("--keep_checkpoints", action="store_true", help="keep a passing run's checkpoints (by "
                         "default deleted once checked and exported: several GB per run)")

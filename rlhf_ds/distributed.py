@@ -8,7 +8,6 @@ compute on the concatenated data. All helpers also work without a process group 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import os
 import socket
@@ -32,17 +31,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def prebuild_comm_ops() -> None:
-    """JIT-build DeepSpeed's shared-memory comm op (CPU accelerator) in this process, before it starts ranks.
+def _skip_shm_comm_op() -> None:
+    """Keep DeepSpeed's CPU backend from building its shared-memory all-reduce op.
 
-    Otherwise the ranks of the first launch on a fresh machine build it concurrently, and that launch aborts at
-    exit ("terminate called without an active exception", rc -6) although it worked. No-op on a GPU.
+    On the CPU accelerator ``deepspeed.init_distributed`` JIT-compiles that op (about 50 s on a fresh 2-core
+    machine; concurrent builds by the ranks of a first launch made it abort at exit) and maps a 69 MB
+    /dev/shm buffer per rank that it never unlinks (a killed run leaves them behind). The op serves only
+    ``inference_all_reduce`` (DeepSpeed's tensor-parallel inference); every collective of this trainer goes
+    through torch.distributed (gloo). DeepSpeed consults ``deepspeed.ops.__compatible_ops__`` before building
+    an op: marking the op incompatible there skips both. No effect on a GPU, whose backend has no such op.
     """
-    from deepspeed.accelerator import get_accelerator
+    import deepspeed.ops
 
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None and builder.is_compatible(verbose=False):
-        builder.load(verbose=False)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _set_rank_env_from_slurm() -> None:
@@ -117,29 +118,16 @@ def init_distributed() -> None:
     if accelerator.device_name() != "cpu":
         # srun --gpus-per-task=1 shows each task only its own GPU: the local rank is then beyond the ordinals.
         accelerator.set_device(int(os.environ["LOCAL_RANK"]) % accelerator.device_count())
+    _skip_shm_comm_op()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
     atexit.register(_leave_process_group)
 
 
-def shm_allreduce_buffer(rank: int) -> str:
-    """The /dev/shm file DeepSpeed's CPU shared-memory all-reduce creates for ``rank`` when all ranks are local.
-
-    DeepSpeed never unlinks it (69 MB per rank per run), so a machine running many jobs fills /dev/shm.
-    """
-    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-
-
 def _leave_process_group() -> None:
     """Leave cleanly at exit: destroy the process group (a gloo group left to static destructors can abort a
-    finished process with "terminate called without an active exception") and remove this rank's shm buffer
-    (every rank mapped it during initialisation, so unlinking the name frees it once all have exited)."""
-    if not dist.is_initialized():
-        return
-    rank = dist.get_rank()
-    dist.destroy_process_group()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(shm_allreduce_buffer(rank))
+    finished process with "terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def exit_process(code: int) -> NoReturn:

@@ -115,10 +115,12 @@ def test_sigkill_mid_run_then_during_save_keeps_the_last_checkpoint_and_resume_i
 
 
 def test_a_critic_free_run_builds_no_critic_and_resumes_bitwise(tmp_path, capsys):
-    """GRPO on 2 ranks (2 samples per prompt, the KL as a loss term): no critic is built, checkpointed or
+    """GRPO on 2 ranks under ZeRO-3 in bf16 (2 samples per prompt, the KL as a loss term; the real run's stage
+    and precision, whose resume the CI rehearsal leaves to this test): no critic is built, checkpointed or
     exportable, and continuing from its iteration-2 checkpoint (in a new output directory) gives the straight
     run's iterations 2 and 3 bit for bit: metrics, every rank's sampled tokens, final weights."""
-    grpo = ["--advantage_estimator", "grpo", "--samples_per_prompt", "2"]
+    grpo = ["--advantage_estimator", "grpo", "--samples_per_prompt", "2", "--zero_stage", "3",
+            "--precision", "bf16"]
     straight_dir, resumed = tmp_path / "straight", tmp_path / "resumed"
     rc, out = run(straight_dir, "none", *grpo)
     assert rc == 0, out[-6000:]

@@ -20,7 +20,7 @@ import forked
 
 from rlhf_ds.distributed import (all_reduce_max, all_reduce_mean, barrier, free_port, get_rank, get_world_size,
                                  global_explained_variance, global_masked_mean, global_masked_moments,
-                                 global_masked_whiten, global_token_counts, is_main_process, prebuild_comm_ops)
+                                 global_masked_whiten, global_token_counts, is_main_process)
 from rlhf_ds.files import describe_files, share
 from rlhf_ds.ppo import WHITEN_EPS
 from rlhf_ds.sampling import response_mask_from_tokens
@@ -35,18 +35,11 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_
 
 
 @functools.cache
-def prebuild_deepspeed_ops() -> None:
-    """Once per test session (``distributed.prebuild_comm_ops``)."""
-    prebuild_comm_ops()
-
-
-@functools.cache
 def prepare_training_runs() -> None:
-    """Before launching launch/train.py on several ranks: the comm op, and the embedded default built here with
-    all cores (a rank would build it with its share of the threads while the other rank waits)."""
+    """Before launching launch/train.py on several ranks: the embedded default built here with all cores (a rank
+    would build it with its share of the threads while the other rank waits)."""
     from rlhf_ds.embedded import build
 
-    prebuild_deepspeed_ops()
     build()
 
 
@@ -60,13 +53,12 @@ def launch_script(name: str):
 
 def launch(script: str, out_dir: Path, *args: str) -> list[dict]:
     """Run tests/dist/<script> on RANKS ranks (forked: tests/forked.py); return each rank's JSON."""
-    prebuild_deepspeed_ops()
     out_dir.mkdir(parents=True, exist_ok=True)
     job = forked.start(DIST / script, list(args), ranks=RANKS, cwd=REPO)
     proc = job.wait(LAUNCH_TIMEOUT_S)
     assert proc.returncode == 0, f"{script} failed:\n{(proc.stdout + proc.stderr)[-6000:]}"
-    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{job.port}_*"))
-    assert not leaked, f"shared-memory buffers left behind: {leaked}"
+    mapped = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{job.port}_*"))
+    assert not mapped, f"DeepSpeed's shm all-reduce op ran (distributed._skip_shm_comm_op): {mapped}"
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(RANKS)]
 
 

@@ -285,9 +285,9 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _assert_no_shm_leak(port: str) -> None:
-    leaked = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    assert not leaked, f"shared-memory buffers left behind: {leaked}"
+def _assert_no_shm_buffer(port: str) -> None:
+    mapped = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not mapped, f"DeepSpeed's shm all-reduce op ran (distributed._skip_shm_comm_op): {mapped}"
 
 
 @pytest.fixture
@@ -339,27 +339,23 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(real_run):
     assert f"resumed from {out / 'checkpoints' / f'iter_{stopped_at:07d}'}" in output
     assert [m["iteration"] for m in _metrics(out)] == list(range(stopped_at + 2))
     assert _commands(state)[-1].startswith("srun "), "a finished run must not requeue"
-    _assert_no_shm_leak(env["MASTER_PORT"])
+    _assert_no_shm_buffer(env["MASTER_PORT"])
 
 
 def test_deepspeed_script_one_node_two_ranks_checkpoints_on_time_limit(real_run):
     """Through the real deepspeed launcher (hostfile, --no_ssh, --node_rank): the launcher must outlive its
-    ranks' checkpoint, then the job is requeued; the requeued job resumes and finishes."""
+    ranks' checkpoint, then the job is requeued with --resume auto (the requeued job's resume: the srun test
+    above, through the same trainer)."""
     env, state, out = real_run
     env.pop("SLURM_NTASKS")  # one task per node: the script's own srun options
     args = [*TINY, "--iterations", str(LONG)]
-    _, stopped_at = _stop_at_time_limit_warning(DEEPSPEED_SCRIPT, env, args, out)
+    _stop_at_time_limit_warning(DEEPSPEED_SCRIPT, env, args, out)
     assert Path(env["HOSTFILE"]).read_text() == "localhost slots=2\n"
     # The launcher exits 1 after forwarding SIGTERM although its ranks exited 0: the job is requeued all the same.
     commands = _commands(state)
     assert f"scancel --signal=TERM {JOB_ID}" in commands and commands[-1] == f"scontrol requeue {JOB_ID}"
-
-    rc, output = run_batch(DEEPSPEED_SCRIPT, {**env, "SLURM_RESTART_COUNT": "1"}, *args, "--iterations",
-                           str(stopped_at + 2))
-    assert rc == 0, output[-6000:]
-    assert "resumed from" in output
-    assert [m["iteration"] for m in _metrics(out)] == list(range(stopped_at + 2))
-    _assert_no_shm_leak(env["MASTER_PORT"])
+    assert json.loads((out / "config.json").read_text())["resume"] == "auto"
+    _assert_no_shm_buffer(env["MASTER_PORT"])
 
 
 # --- the scripts' plumbing, with a fake python -------------------------------------------------------------

@@ -32,6 +32,7 @@ def record_samples(output_dir: str) -> None:
     def recording_generate(self, *args, **kwargs):
         sequences, mask = generate(self, *args, **kwargs)
         digest = hashlib.sha256(sequences.cpu().numpy().tobytes()).hexdigest()
+        os.makedirs(output_dir, exist_ok=True)  # rank 0 makes it; another rank may sample first
         with open(os.path.join(output_dir, f"samples_rank{get_rank()}.jsonl"), "a") as fh:
             fh.write(json.dumps({"seed": kwargs.get("generator_seed"), "sha256": digest}) + "\n")
         return sequences, mask

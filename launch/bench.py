@@ -40,7 +40,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from rlhf_ds import benchmark  # noqa: E402  (torch only; the heavy imports wait for the workers)
-from rlhf_ds.distributed import free_port  # noqa: E402
+from rlhf_ds.distributed import launcher_command  # noqa: E402
 from rlhf_ds.errors import fail, run_main  # noqa: E402
 
 PHASES = ("generation", "experience", "update")
@@ -382,8 +382,7 @@ def _start_worker(args, overrides: list[str], sections: list[str], ranks: int, o
     if ranks == 1:
         cmd = [sys.executable, script, *worker_args]
     else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--no_local_rank",
-               "--master_port", str(free_port()), script, *worker_args]
+        cmd = launcher_command(script, ranks, worker_args)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
     print(f"[bench] {', '.join(sections)} on {ranks} rank(s) (loadavg {benchmark.loadavg():.2f}) ...",
           file=sys.stderr, flush=True)

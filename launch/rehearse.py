@@ -36,7 +36,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from rlhf_ds.distributed import free_port  # noqa: E402
+from rlhf_ds.distributed import launcher_command  # noqa: E402
 from rlhf_ds.errors import run_main  # noqa: E402
 
 CONFIG = os.path.join(REPO, "launch", "configs", "qwen2_hh.yaml")
@@ -83,12 +83,11 @@ def _run(cmd: list[str], log: str) -> int:
 def _train(args, ranks: int, out: str, iterations: int, stage: int, precision: str, data: str,
            overrides: list[str], log: str) -> int:
     policy, reward = f"qwen2-0.5b-shape:{args.layers}", f"deberta-v3-large-shape:{args.layers}"
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--no_local_rank",
-           "--master_port", str(free_port()), os.path.join(REPO, "launch", "train.py"), "--config", CONFIG,
-           "--policy_model", policy, "--critic_model", policy, "--reward_model", reward, "--dataset", data,
-           "--iterations", str(iterations), "--save_interval", str(iterations),
-           "--zero_stage", str(stage), "--precision", precision, "--output_dir", out, "--tensorboard", "false",
-           "--resume", "auto", *(QUICK if args.quick else []), *overrides]
+    cmd = launcher_command(os.path.join(REPO, "launch", "train.py"), ranks, [
+        "--config", CONFIG, "--policy_model", policy, "--critic_model", policy, "--reward_model", reward,
+        "--dataset", data, "--iterations", str(iterations), "--save_interval", str(iterations),
+        "--zero_stage", str(stage), "--precision", precision, "--output_dir", out, "--tensorboard", "false",
+        "--resume", "auto", *(QUICK if args.quick else []), *overrides])
     return _run(cmd, log)
 
 

@@ -47,8 +47,8 @@ MANIFEST_FILE = "manifest.json"
 _NAME = re.compile(r"^iter_(\d+)$")
 # Fields that may change between a run and its resume without breaking exactness (zero3_generation:
 # gathered and partitioned generation sample the same tokens).
-RESUMABLE_CHANGES = ("iterations", "output_dir", "save_interval", "keep_checkpoints", "resume", "force_resume",
-                     "overwrite_output_dir", "log_interval", "tensorboard", "wandb", "wandb_project",
+RESUMABLE_CHANGES = ("iterations", "time_budget_s", "output_dir", "save_interval", "keep_checkpoints", "resume",
+                     "force_resume", "overwrite_output_dir", "log_interval", "tensorboard", "wandb", "wandb_project",
                      "max_skipped_batches", "zero3_generation")
 
 

@@ -74,6 +74,9 @@ class PPOConfig:
                                          "the left; None = the reward model's limit (DeBERTa-v3: 512)")
     # --- PPO -------------------------------------------------------------------------------------------
     iterations: int = _doc(60, "PPO iterations (one rollout + update each)")
+    time_budget_s: float = _doc(0.0, "end the run (checkpoint and export, as at the last iteration) after the "
+                                "iteration in which this process's training time reached this many seconds; "
+                                "0 = no budget")
     rollout_batch_size: int = _doc(16, "prompts generated per rank per iteration")
     mini_batch_size: int = _doc(8, "sequences per rank per optimizer step; must divide rollout_batch_size")
     ppo_epochs: int = _doc(2, "passes over each rollout")
@@ -169,6 +172,7 @@ class PPOConfig:
         need(all(isinstance(stop, str) and stop for stop in self.stop_strings), "stop_strings",
              "use a list of non-empty strings, e.g. [\"\\n\\nHuman:\"], or [] for EOS only")
         need(self.iterations >= 1, "iterations", "run at least 1 iteration")
+        need(self.time_budget_s >= 0, "time_budget_s", "use seconds >= 0 (0 = no budget)")
         need(self.rollout_batch_size >= 1, "rollout_batch_size", "use at least 1 prompt per rank")
         need(self.mini_batch_size >= 1, "mini_batch_size", "use at least 1 sequence per step")
         need(self.advantage_estimator in ADVANTAGE_ESTIMATORS, "advantage_estimator",

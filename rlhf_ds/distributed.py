@@ -31,6 +31,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def launcher_command(script: str, ranks: int, args: list[str]) -> list[str]:
+    """``deepspeed --num_gpus ranks --no_local_rank script args`` on a free master port: how the launch/ scripts
+    start ranks of another script."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--no_local_rank",
+            "--master_port", str(free_port()), script, *args]
+
+
 def _skip_shm_comm_op() -> None:
     """Keep DeepSpeed's CPU backend from building its shared-memory all-reduce op.
 

@@ -147,6 +147,48 @@ def plot_time(records: list[dict], path: str) -> str:
     return _save(fig, path)
 
 
+def score_over_time(runs: Sequence[list[dict]], grid: Sequence[float]) -> tuple[list[float], ...]:
+    """Mean, min and max over ``runs`` (one metrics list per seed) of the training score at each time of ``grid``.
+
+    A run's clock is its training time: the running sum of its iterations' phase times, each score belonging
+    to the end of its iteration. At time t a run's score is that of its last iteration ended by t (NaN before
+    the first, and after the run's last iteration, so a run that stopped early adds nothing there). Returns
+    three lists of len(grid); NaN where no run has a score.
+    """
+    stats: tuple[list[float], ...] = ([], [], [])
+    clocks = []
+    for records in runs:
+        ends = [sum(r.get(name, 0.0) for name in PHASES) for r in records]
+        clocks.append(([sum(ends[:i + 1]) for i in range(len(ends))], _series(records, "score_mean")))
+    for t in grid:
+        values = []
+        for ends, scores in clocks:
+            done = [score for end, score in zip(ends, scores) if end <= t]
+            if done and t <= ends[-1] and not math.isnan(done[-1]):
+                values.append(done[-1])
+        for out, value in zip(stats, (sum(values) / len(values), min(values), max(values)) if values
+                              else (math.nan,) * 3):
+            out.append(value)
+    return stats
+
+
+def plot_score_comparison(curves: dict[str, Sequence[list[dict]]], seconds: float, path: str) -> str:
+    """One line per label (e.g. an advantage estimator): the seeds' mean training score against training
+    seconds, with their min-max band (``score_over_time``)."""
+    grid = [seconds * i / 200 for i in range(201)]
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for label, runs in curves.items():
+        mean, low, high = score_over_time(runs, grid)
+        line, = ax.plot(grid, mean, label=f"{label} (mean of {len(runs)})")
+        ax.fill_between(grid, low, high, color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="training seconds", ylabel="score_mean (reward model)",
+           title="Training score against wall-clock time (band: min to max over seeds)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def plot_run(run_dir: str, out_dir: Optional[str] = None) -> list[str]:
     """Write reward, kl, kl_coef, losses and time PNGs of the run in ``run_dir``; returns their paths."""
     metrics_path = os.path.join(run_dir, "metrics.jsonl")

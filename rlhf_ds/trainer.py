@@ -329,12 +329,14 @@ class PPOTrainer:
         """Run iterations until ``config.iterations`` (continuing from a resumed iteration); returns their metrics.
 
         Checkpoints every ``save_interval`` iterations and at the end; exports the policy to
-        ``output_dir/policy`` at the end. SIGTERM (what SLURM sends before preemption) or SIGINT finishes the
+        ``output_dir/policy`` at the end, which ``time_budget_s`` can bring forward (the iteration under way
+        finishes). SIGTERM (what SLURM sends before preemption) or SIGINT finishes the
         current iteration, saves a checkpoint and returns early with ``self.stopped_by`` set to the signal name.
         """
         cfg = self.config
         history = []
         batches = iter(self.loader)
+        start = time.perf_counter()
         with RunLogger(cfg, self.iteration, enabled=is_main_process()) as logger, StopSignals() as signals:
             while self.iteration < cfg.iterations:
                 metrics = self.step(next(batches))
@@ -342,13 +344,26 @@ class PPOTrainer:
                 logger.log(metrics)
                 self.iteration += 1
                 self.stopped_by = signals.received(self.device)
-                if self.stopped_by or self.iteration == cfg.iterations or (
+                out_of_time = self._out_of_time(start)
+                if self.stopped_by or out_of_time or self.iteration == cfg.iterations or (
                         cfg.save_interval and self.iteration % cfg.save_interval == 0):
                     self.save_checkpoint()
                 if self.stopped_by:
                     return history
+                if out_of_time:
+                    if is_main_process():
+                        print(f"time budget of {cfg.time_budget_s:g} s reached after iteration {self.iteration}",
+                              flush=True)
+                    break
         self.save_policy()
         return history
+
+    def _out_of_time(self, start: float) -> bool:
+        """Whether ``time_budget_s`` is spent (the slowest rank's clock, so every rank gives the same answer)."""
+        if not self.config.time_budget_s:
+            return False
+        elapsed = all_reduce_max({"elapsed": time.perf_counter() - start})["elapsed"]
+        return elapsed >= self.config.time_budget_s
 
     def save_policy(self) -> str:
         """Export the actor as a Hugging Face model directory (safetensors + tokenizer); returns its path."""

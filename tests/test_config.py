@@ -79,6 +79,7 @@ def test_int_accepted_for_float_field():
     ({"kl_estimator": "k9"}, "k1, k2, k3"),
     ({"kl_controller": "pid"}, "step, proportional, fixed"),
     ({"iterations": "ten"}, "expected int"),
+    ({"time_budget_s": -1.0}, "time_budget_s=-1.0 is invalid: use seconds >= 0"),
     ({"adaptive_kl": "yes"}, "expected bool"),
     ({"kl_coef_min": 2.0, "kl_coef_max": 1.0}, "kl_coef_min=2.0"),
     ({"offload_params": True, "zero_stage": 2}, "zero_stage=3"),

@@ -1,12 +1,17 @@
 """The critic-free advantage estimators of ppo.py (GRPO, RLOO, REINFORCE++) and the KL loss term: each against a
-plain-Python loop on random ragged rows and against numbers worked out by hand."""
+plain-Python loop on random ragged rows and against numbers worked out by hand; and the table of
+launch/compare_estimators.py, which measures them against each other."""
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from rlhf_ds import ppo
 from test_ppo import assert_close, make_mask, randn
+
+REPO = Path(__file__).resolve().parents[1]
 
 N = 3  # samples per prompt
 LENGTHS = [5, 2, 1, 4, 3, 5]  # two groups of three, ragged, one single-token row
@@ -131,3 +136,32 @@ def test_kl_loss_gradient_pulls_toward_the_reference():
     ppo.kl_loss(logprobs, ref, torch.ones(1, 2), 1.0).backward()
     expected = [(1 - math.exp(-1.0)) / 2, (1 - math.exp(1.0)) / 2]
     assert logprobs.grad.tolist()[0] == pytest.approx(expected)
+
+
+def _compare_module():
+    spec = importlib.util.spec_from_file_location("compare_estimators", REPO / "launch" / "compare_estimators.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_comparison_table_gives_each_estimator_its_mean_and_range_over_seeds():
+    """launch/compare_estimators.py's table: one line per estimator, the mean over seeds with min..max."""
+    compare = _compare_module()
+    row = {"iterations": 10, "s_per_iteration": 2.0, "score_end": 1.0, "eval_score": 0.5, "win_rate": 0.5,
+           "kl_end": 0.01, "eval_kl_per_token": 0.02, "peak_generation_mb": 100.0, "peak_experience_mb": 110.0,
+           "peak_update_mb": 120.0}
+    rows = [{**row, "estimator": "gae", "seed": 0}, {**row, "estimator": "gae", "seed": 1, "score_end": 2.0,
+                                                      "win_rate": 0.75}, {**row, "estimator": "rloo", "seed": 0}]
+    lines = compare.table(rows, ["gae", "rloo"]).splitlines()
+    assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == 12
+    gae = [cell.strip() for cell in lines[2].split("|")[1:-1]]
+    assert gae[:6] == ["`gae`", "10 (10..10)", "2.00 (2.00..2.00)", "+1.50 (+1.00..+2.00)", "+0.50 (+0.50..+0.50)",
+                       "0.62 (0.50..0.75)"]
+    assert lines[3].split("|")[2].strip() == "10"  # a single seed: no range
+
+
+def test_comparison_refuses_an_unknown_estimator(capsys):
+    with pytest.raises(SystemExit) as stop:
+        _compare_module().main(["--estimators", "gae,ppo2"])
+    assert stop.value.code == 2 and "--estimators: ppo2 unknown" in capsys.readouterr().err

@@ -132,3 +132,22 @@ def test_module_entry_point(run_dir, tmp_path):
     assert done.stdout.splitlines() == [str(out / name) for name in NAMES]
     for name in NAMES:
         check_png(out / name)
+
+
+def _timed(seconds_and_scores: list[tuple[float, float]]) -> list[dict]:
+    """Iterations that took ``seconds`` (split over the phases) and logged ``score``."""
+    return [{"iteration": i, "score_mean": score, "time_generation_s": seconds / 2, "time_experience_s": seconds / 4,
+             "time_update_s": seconds / 4} for i, (seconds, score) in enumerate(seconds_and_scores)]
+
+
+def test_score_over_time_by_hand(tmp_path):
+    """Seed A's iterations end at 1 s and 3 s (scores 0, 1), seed B's at 2 s and 4 s (scores 2, 4): at t, each
+    seed counts its last score ended by t, until its last iteration's end."""
+    runs = [_timed([(1.0, 0.0), (2.0, 1.0)]), _timed([(2.0, 2.0), (2.0, 4.0)])]
+    mean, low, high = plot.score_over_time(runs, [0.5, 1.0, 2.5, 3.0, 3.5, 4.0, 5.0])
+    nan = float("nan")
+    assert mean == pytest.approx([nan, 0.0, 1.0, 1.5, 2.0, 4.0, nan], nan_ok=True)
+    assert low == pytest.approx([nan, 0.0, 0.0, 1.0, 2.0, 4.0, nan], nan_ok=True)
+    assert high == pytest.approx([nan, 0.0, 2.0, 2.0, 2.0, 4.0, nan], nan_ok=True)
+    path = plot.plot_score_comparison({"a": runs, "b": runs[:1]}, 4.0, str(tmp_path / "scores.png"))
+    assert Path(path).read_bytes().startswith(PNG_SIGNATURE)

@@ -230,22 +230,26 @@ def test_non_finite_scores_are_skipped_counted_and_stop_the_run(embedded, tmp_pa
     assert [m["skipped_batches"] for m in logged] == [1]  # the second skip raised before logging
 
 
-@pytest.mark.parametrize("estimator, samples", [("rloo", 2), ("reinforce_pp", 1)])
-def test_rloo_and_reinforce_pp_train_through_train_py(estimator, samples, embedded, tmp_path):
+# REINFORCE++ runs under a time budget that the first iteration spends: the run ends after it as after its last
+@pytest.mark.parametrize("estimator, samples, limit, iterations", [
+    ("rloo", 2, ["--iterations", "2"], 2), ("reinforce_pp", 1, ["--iterations", "50", "--time_budget_s", "0.001"], 1)])
+def test_rloo_and_reinforce_pp_train_through_train_py(estimator, samples, limit, iterations, embedded, tmp_path):
     """`python launch/train.py --advantage_estimator ...` for the critic-free estimators that the 2-rank tests do
     not run (GRPO: above and in test_checkpoint.py): no critic is built or checkpointed, the metrics are finite
-    and carry no value terms, the KL is in the reward (neither puts it in the loss by default), the policy is
-    exported."""
+    and carry no value terms, the KL is in the reward (neither puts it in the loss by default), the last
+    iteration is checkpointed and the policy exported, also when ``time_budget_s`` ends the run."""
     run = tmp_path / "run"
-    proc = forked.run(TRAIN, ["--advantage_estimator", estimator, "--samples_per_prompt", str(samples),
-                              "--iterations", "2", "--rollout_batch_size", "2", "--mini_batch_size", str(2 * samples),
+    proc = forked.run(TRAIN, ["--advantage_estimator", estimator, "--samples_per_prompt", str(samples), *limit,
+                              "--rollout_batch_size", "2", "--mini_batch_size", str(2 * samples),
                               "--max_new_tokens", "8", "--output_dir", str(run)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "critic    none: the advantage estimator needs no critic" in proc.stdout
+    assert ("time budget of 0.001 s reached after iteration 1" in proc.stdout) == (estimator == "reinforce_pp")
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["iteration"] for m in logged] == [0, 1] and not any("skip_reason" in m for m in logged)
+    assert [m["iteration"] for m in logged] == list(range(iterations)) and not any("skip_reason" in m for m in logged)
     assert all(math.isfinite(v) for m in logged for v in m.values() if isinstance(v, float))
     assert not any(key in m for m in logged for key in ("value_loss", "value_explained_var", "kl_loss"))
     assert json.loads((run / "config.json").read_text())["advantage_estimator"] == estimator
     assert (run / "policy" / "model.safetensors").is_file()
-    assert not (run / "checkpoints" / "iter_0000002" / "critic").exists()
+    last = run / "checkpoints" / f"iter_{iterations:07d}"
+    assert (run / "checkpoints" / "latest").read_text() == last.name and not (last / "critic").exists()

@@ -410,7 +410,8 @@ def _environment(args, config, ranks: int) -> dict:
             "transformers_version": transformers.__version__, "ranks": ranks, "zero_stage": config.zero_stage,
             "precision": config.precision, "rollout_batch_size": config.rollout_batch_size,
             "mini_batch_size": config.mini_batch_size, "max_new_tokens": config.max_new_tokens,
-            "ppo_epochs": config.ppo_epochs, "iterations": args.iterations, "repeats": args.repeats,
+            "ppo_epochs": config.ppo_epochs, "advantage_estimator": config.advantage_estimator,
+            "samples_per_prompt": config.samples_per_prompt, "iterations": args.iterations, "repeats": args.repeats,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
 
@@ -477,7 +478,8 @@ def run(args, overrides: list[str]) -> dict:
 
 
 def _main_lines(f: dict) -> list[str]:
-    lines = [f"main: 1 rank, ZeRO-{f['zero_stage']}, {f['rollout_batch_size']} prompts x {f['max_new_tokens']} new "
+    lines = [f"main: 1 rank, ZeRO-{f['zero_stage']}, {f.get('advantage_estimator', 'gae')}, "
+             f"{f['rollout_batch_size']} prompts x {f['max_new_tokens']} new "
              f"tokens (natural length, mean {f['response_length']:.1f}), prompt {f['prompt_len']:.0f} tokens, median "
              f"of {f['iterations']} iterations  [loadavg {f['loadavg_main']:.2f}]",
              f"  {'phase':<12} {'seconds':>8} {'share':>6} {'resp tok/s':>11}"]
@@ -485,12 +487,13 @@ def _main_lines(f: dict) -> list[str]:
         share = f"{f[f'{phase}_s'] / f['iteration_s']:6.1%}" if phase != "iteration" else ""
         lines.append(f"  {phase:<12} {f[f'{phase}_s']:8.3f} {share:>6} {f[f'{phase}_tokens_per_s']:11.1f}")
     parts = ", ".join(f"{part} {f[f'update_{part}_s']:.3f} s" for part in UPDATE_PARTS)
-    lines.append(f"  update, actor + critic: {parts} (forward: the losses; step: the optimizer step, ZeRO and AdamW)")
+    trained = "actor and critic" if f.get("advantage_estimator", "gae") == "gae" else "actor (no critic)"
+    lines.append(f"  update, {trained}: {parts} (forward: the losses; step: the optimizer step, ZeRO and AdamW)")
     kind = "RSS" if f["device"].startswith("cpu") else "torch.cuda.max_memory_allocated"
     lines.append(f"  peak memory per phase ({kind}): " + ", ".join(
         f"{phase} {f[f'peak_memory_{phase}_mb']:.0f} MiB" for phase in PHASES))
-    lines.append(f"  update: {f['update_gflop']:.2f} GFLOP per iteration (6 x params x tokens + attention, actor "
-                 f"and critic forward+backward), matmul peak {f['matmul_peak_gflops']:.1f} GFLOP/s "
+    lines.append(f"  update: {f['update_gflop']:.2f} GFLOP per iteration (6 x params x tokens + attention, {trained} "
+                 f"forward+backward), matmul peak {f['matmul_peak_gflops']:.1f} GFLOP/s "
                  f"(n={f['matmul_peak_n']}), MFU {f['update_mfu']:.1%} (GPU target >= 30%, Qwen2-0.5B)")
     return lines
 

@@ -121,14 +121,19 @@ def test_scaling_grid_and_table(quick_run):
 
 def test_qwen2_small_swaps_in_a_random_qwen2_of_that_shape(quick_run, tmp_path):
     """--model qwen2-small: a random-init 8 x 512 Qwen2 (the policy's tokenizer) in the main section (--only);
-    the update's FLOPs show that the bigger model, not the policy, was timed."""
+    the update's FLOPs show that the bigger model, not the policy, was timed. It runs GRPO: the bench times a
+    critic-free estimator too."""
     models = _fixture_models(tmp_path / "models")
     out = tmp_path / "small.json"
     proc = _run("--quick", "--ranks", "1", "--model", "qwen2-small", "--only", "main", "--json", str(out),
-                "--policy_model", models["policy"], "--reward_model", models["reward"])
+                "--policy_model", models["policy"], "--reward_model", models["reward"],
+                "--advantage_estimator", "grpo", "--samples_per_prompt", "2", "--mini_batch_size", "4")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     small, tiny = json.loads(out.read_text()), quick_run[0]
     assert small["model"] == "qwen2-small" and small["update_gflop"] > 100 * tiny["update_gflop"]
+    # a critic-free estimator: no critic built, timed or counted
+    assert (small["advantage_estimator"], tiny["advantage_estimator"]) == ("grpo", "gae")
+    assert "update, actor (no critic):" in proc.stdout and "update, actor and critic:" in quick_run[1]
     assert not any(key.startswith(("generation_same", "generation_zero2", "scaling_", "experience_batched", "ranks2"))
                    for key in small)  # the sections not chosen
 

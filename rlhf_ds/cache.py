@@ -9,6 +9,7 @@ The caches live under ``$RLHF_DS_CACHE`` (default ``~/.cache/rlhf_ds``), one dir
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -20,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from rlhf_ds.distributed import available_cpus
 from rlhf_ds.errors import KnownError
 from rlhf_ds.files import file_digests, first_problem
 
@@ -44,6 +46,23 @@ def verify(root: Path) -> str | None:
     except (ValueError, KeyError):
         return f"{manifest} is unreadable"
     return first_problem(str(root), expected)
+
+
+@contextlib.contextmanager
+def _every_core():
+    """Torch threads on every core this process may use, for the length of a build.
+
+    A rank's share of the cores (``distributed._set_torch_threads``: 1 of 2 with 2 ranks) would leave the rest
+    idle: the other ranks that started with it wait on the build's lock, blocked in the kernel. OMP_NUM_THREADS,
+    when set, is the user's choice and stays.
+    """
+    previous = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(available_cpus())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def cached_build(final: Path, make: Callable[[Path], dict], what: str, force: bool = False) -> dict:
@@ -71,7 +90,8 @@ def cached_build(final: Path, make: Callable[[Path], dict], what: str, force: bo
         print(f"[rlhf_ds] building {what} into {final}", flush=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
-            facts = make(tmp)
+            with _every_core():
+                facts = make(tmp)
             manifest = {**facts, "files": file_digests(str(tmp)), "torch": torch.__version__}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             os.rename(tmp, final)

@@ -93,7 +93,7 @@ def local_world_size() -> int:
     return 1
 
 
-def _available_cpus() -> int:
+def available_cpus() -> int:
     """CPUs this process may run on (the affinity mask, which containers and srun restrict)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
@@ -108,7 +108,7 @@ def _set_torch_threads() -> None:
     """
     if "OMP_NUM_THREADS" in os.environ:
         return
-    torch.set_num_threads(max(1, _available_cpus() // local_world_size()))
+    torch.set_num_threads(max(1, available_cpus() // local_world_size()))
 
 
 def init_distributed() -> None:

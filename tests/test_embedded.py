@@ -12,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_ds import corpus
-from rlhf_ds.cache import CacheError, verify
+from rlhf_ds.cache import CacheError, cached_build, verify
+from rlhf_ds.distributed import available_cpus
 from rlhf_ds.embedded import Recipe, build, cache_dir, quality_report, train_models
 from rlhf_ds.models import load_reward_model, load_reward_tokenizer
 
@@ -134,3 +135,28 @@ def test_sft_and_reward_clis_train_any_hf_model_on_hh_files(tmp_path, capsys):
     assert train_sft.main(["--model", "x", "--out", "y", "--data", str(tmp_path / "none.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "none.jsonl" in err and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("omp", [None, "1"])
+def test_a_build_runs_on_every_core_unless_omp_num_threads_says_otherwise(omp, tmp_path, monkeypatch):
+    """A rank builds with 1/N of the cores while the ranks it started with wait on the lock: the build takes
+    every core the process may use (then gives the rank its share back), unless OMP_NUM_THREADS is set."""
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    seen = []
+
+    def make(out):
+        seen.append(torch.get_num_threads())
+        (out / "weights.bin").write_bytes(b"w")
+        return {}
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # a rank's share of 2 cores
+    try:
+        cached_build(tmp_path / "build", make, "a test build")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+    assert seen == [available_cpus() if omp is None else 1]

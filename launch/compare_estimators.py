@@ -66,9 +66,9 @@ def run_one(estimator: str, seed: int, args, overrides: list[str]) -> dict:
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     summary = json.load(open(os.path.join(out, "eval", "summary.json")))
     tail = metrics[-max(1, len(metrics) // 5):]  # the last fifth of the run
+    train_s = sum(m[f"time_{p}_s"] for m in metrics for p in PHASES)
     return {"estimator": estimator, "seed": seed, "out": out, "wall_s": wall, "iterations": len(metrics),
-            "train_s": sum(m[f"time_{p}_s"] for m in metrics for p in PHASES),
-            "s_per_iteration": sum(m[f"time_{p}_s"] for m in metrics for p in PHASES) / len(metrics),
+            "train_s": train_s, "s_per_iteration": train_s / len(metrics),
             "score_start": metrics[0]["score_mean"], "score_end": sum(m["score_mean"] for m in tail) / len(tail),
             "kl_end": sum(m["kl_divergence"] for m in tail) / len(tail),
             "eval_score": summary["policy_reward_mean"], "eval_reference_score": summary["reference_reward_mean"],

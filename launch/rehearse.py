@@ -14,10 +14,10 @@ model's (question, answer) pairs at ``reward_max_len``, from the left, as long H
 
 Each (ZeRO stage, precision) is one run of ``launch/train.py`` through the DeepSpeed launcher for ``--iterations``
 iterations, then the same command with ``--resume auto`` for one more (unless ``--no_resume``), then
-``launch/export.py`` of its last checkpoint. A run passes when its metrics are finite, no rollout was skipped, prompts and reward inputs were cut
-(``prompts_truncated``, ``reward_inputs_truncated`` > 0), each iteration (the resumed one too) continues the KL
-controller where the one before left it, and the export loads as a causal LM with the real vocabulary. One line per run, then a
-table; exit 1 on a failure.
+``launch/export.py`` of its last checkpoint. A run passes when its metrics are finite, no rollout was skipped,
+prompts and reward inputs were cut (``prompts_truncated``, ``reward_inputs_truncated`` > 0), the last iteration
+(the resumed one, unless ``--no_resume``) continues the KL controller where the one before left it, and the
+export loads as a causal LM with the real vocabulary. One line per run, then a table; exit 1 on a failure.
 Logs and outputs stay in ``--out`` (default: a new directory under /tmp); a passing run's checkpoints (several GB
 each) are deleted once checked and exported, unless ``--keep_checkpoints``.
 """
@@ -108,8 +108,8 @@ def check_run(out: str, iterations: int, export_dir: str) -> list[str]:
         if not any(m.get(metric, 0) > 0 for m in metrics):
             problems.append(f"{metric} is 0: no input was cut at {limit} (the long dialogues should be)")
     if len(metrics) > 1 and metrics[-1]["kl_coef"] != metrics[-2]["next_kl_coef"]:
-        problems.append(f"resumed kl_coef {metrics[-1]['kl_coef']} != the first run's last next_kl_coef "
-                        f"{metrics[-2]['next_kl_coef']}")
+        problems.append(f"last iteration's kl_coef {metrics[-1]['kl_coef']} != the iteration before's "
+                        f"next_kl_coef {metrics[-2]['next_kl_coef']}")
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(export_dir)

@@ -1,7 +1,7 @@
 """The rehearsal of the real run (launch/rehearse.py) in its --quick form: the stand-ins of Qwen2-0.5B and
 DeBERTa-v3-large at one layer each (every width, vocabulary and tokenizer type real) train 2 iterations on 2 CPU
-ranks under ZeRO-3 in bf16 and export their checkpoint; the memory plan the run printed and saved before loading predicts the
-per-phase peaks it then measured. The resume is left to tests/test_checkpoint.py, which resumes a ZeRO-3 bf16 run
+ranks under ZeRO-3 in bf16 and export their checkpoint; the memory plan the run printed and saved before loading
+predicts the per-phase peaks it then measured. The resume is left to tests/test_checkpoint.py, which resumes a ZeRO-3 bf16 run
 of tiny models bit for bit (a resumed run here costs another minute of launch, load and iteration).
 
 One run of about 1.5 minutes; the whole matrix (ZeRO-2/3 x fp32/bf16) with its resumes is

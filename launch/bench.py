@@ -5,6 +5,9 @@
     python launch/bench.py --compare old.json new.json   # per-key ratios; regressions > 10% flagged (exit 1)
     python launch/bench.py --model qwen2-small      # random-init Qwen2, 8 layers x 512 (40M parameters)
     python launch/bench.py --model qwen2-0.5b-shape:2   # the real models' stand-ins, 2 of 24 layers (full depth: GPU)
+    python launch/bench.py --model dschat-step3 --only ranks [--zero_stage 3]   # vs DeepSpeed-Chat's step 3
+    python launch/bench.py --only main --contention 1 --iterations 10   # next to a busy process, every iteration
+    python launch/bench.py --only main --first_iteration   # a fresh machine's wait for the first iteration
     python launch/bench.py --quick [--ranks 1]      # smoke run, tiny sizes (what tests/test_bench.py runs)
     python launch/bench.py --only main,generation   # some of the sections below (default: all)
     python launch/bench.py [...] --field value      # PPOConfig overrides, e.g. --rollout_batch_size 32
@@ -17,6 +20,8 @@ What it measures (every section records the 1-minute load average next to its fi
   generation  the same prompts, fixed length, on N ranks: ZeRO-2 (unpartitioned) vs ZeRO-3 hybrid (parameters
               gathered once per generate call) vs ZeRO-3 naive (partitioned, synced_gpus)
   ranks       the largest scaling point on N ranks (same prompts per rank), vs 1 rank
+  --contention N       the main section again next to N busy processes: its slowest iteration over the idle median
+  --first_iteration    on empty caches: the embedded build alone, then N-rank launch/train.py to its first iteration
 
 The parent process starts the workers: ``--worker`` on 1 rank with python for main/experience/scaling (and
 everything when --ranks 1), and on N ranks through the deepspeed launcher for generation/ranks; each writes
@@ -30,6 +35,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -157,7 +163,9 @@ def _main_section(config, engines, prompts, args, figures: dict) -> object:
     world = get_world_size()
     for phase in PHASES:
         figures[f"{phase}_s"] = _median(history, f"time_{phase}_s")
-    figures["iteration_s"] = statistics.median(sum(m[f"time_{p}_s"] for p in PHASES) for m in history)
+    iterations = [sum(m[f"time_{p}_s"] for p in PHASES) for m in history]
+    figures["iteration_s"] = statistics.median(iterations)
+    figures["iteration_max_s"] = max(iterations)  # the slowest timed iteration: --contention's "every iteration"
     figures["response_length"] = statistics.mean(m["response_length"] for m in history)
     response_tokens = figures["response_length"] * config.rollout_batch_size * world
     for phase in PHASES + ("iteration",):
@@ -346,8 +354,6 @@ def worker(args, overrides: list[str]) -> int:
     config = _config(args, overrides)
     init_distributed()
     policy, critic, reward = resolve_model_paths(config)
-    if args.policy_dir:  # the parent's random-init Qwen2 (--model)
-        policy = critic = args.policy_dir
     prompts, _ = load_prompts(config.dataset, config.train_split, config.max_prompts)
     figures: dict = {}
     if {"main", "experience", "scaling", "ranks"} & set(sections):
@@ -372,13 +378,11 @@ def worker(args, overrides: list[str]) -> int:
 
 # --- the parent: starts the workers, merges, prints ----------------------------------------------------------
 
-def _start_worker(args, overrides: list[str], sections: list[str], ranks: int, out: str,
-                  policy_dir: str | None) -> dict:
+def _start_worker(args, overrides: list[str], sections: list[str], ranks: int, out: str) -> dict:
     script = os.path.abspath(__file__)
     worker_args = ["--worker", "--sections", ",".join(sections), "--out", out, "--iterations", str(args.iterations),
                    "--repeats", str(args.repeats), "--scaling_iterations", str(args.scaling_iterations),
-                   *(["--quick"] if args.quick else []), *(["--policy_dir", policy_dir] if policy_dir else []),
-                   *overrides]
+                   *(["--quick"] if args.quick else []), *overrides]
     if ranks == 1:
         cmd = [sys.executable, script, *worker_args]
     else:
@@ -399,6 +403,74 @@ def _start_worker(args, overrides: list[str], sections: list[str], ranks: int, o
         return json.load(fh)
 
 
+CONTENTION_TARGET = 2.5  # the slowest iteration next to busy processes / the idle median
+
+
+@contextlib.contextmanager
+def busy_processes(count: int):
+    """``count`` processes that keep one core busy each (a pure-Python loop), as another user's job would."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def _contention(args, overrides: list[str], out: str, idle: dict) -> dict:
+    """The main section again, 1 rank, next to ``args.contention`` busy processes: its median and slowest
+    iteration, and the slowest over the idle median (target <= CONTENTION_TARGET)."""
+    out = os.path.join(out, "contention")
+    os.makedirs(out)
+    with busy_processes(args.contention):
+        busy = _start_worker(args, overrides, ["main"], 1, out)
+    return {"contention_processes": args.contention, "loadavg_contention": busy["loadavg_main"],
+            "contention_iteration_s": busy["iteration_s"], "contention_iteration_max_s": busy["iteration_max_s"],
+            "contention_max_over_idle": busy["iteration_max_s"] / idle["iteration_s"]}
+
+
+FIRST_ITERATION_TARGET_S = 60.0  # the first iteration line, at most this long after a single-process build
+_ITERATION_LINE = re.compile(r"^iter +\d+ ")
+
+
+def first_iteration(ranks: int, overrides: list[str]) -> dict:
+    """What a new user waits for on a fresh machine, both on empty ``RLHF_DS_CACHE`` and
+    ``TORCH_EXTENSIONS_DIR``: ``python -m rlhf_ds.embedded build`` alone (one process), then, on other empty
+    caches, ``deepspeed --num_gpus N launch/train.py`` up to its first iteration line (which also builds the
+    embedded default, on one rank, and starts DeepSpeed). Target: the second at most the first + 60 s."""
+    from rlhf_ds.distributed import launcher_command
+
+    figures = {"first_iteration_ranks": ranks, "loadavg_first_iteration": benchmark.loadavg()}
+    with tempfile.TemporaryDirectory(prefix="rlhf_first_") as tmp:
+        def fresh(name: str) -> dict:
+            return {**os.environ, "PYTHONUNBUFFERED": "1", "RLHF_DS_CACHE": os.path.join(tmp, name, "cache"),
+                    "TORCH_EXTENSIONS_DIR": os.path.join(tmp, name, "extensions")}
+
+        print("[bench] first iteration: the embedded build alone ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "rlhf_ds.embedded", "build"], cwd=REPO, env=fresh("build"), check=True,
+                       capture_output=True, timeout=WORKER_TIMEOUT_S)
+        figures["first_iteration_build_s"] = time.perf_counter() - start
+        print(f"[bench] first iteration: {ranks}-rank launch/train.py ...", file=sys.stderr, flush=True)
+        cmd = launcher_command(os.path.join(REPO, "launch", "train.py"), ranks,
+                               ["--iterations", "1", "--save_interval", "0", "--tensorboard", "false",
+                                "--output_dir", os.path.join(tmp, "run"), *overrides])
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=fresh("run"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        seen = None
+        for line in proc.stdout:
+            if seen is None and _ITERATION_LINE.match(line):
+                seen = time.perf_counter() - start
+        if proc.wait() != 0 or seen is None:
+            raise RuntimeError(f"first-iteration run failed (exit code {proc.returncode}, iteration line seen: "
+                               f"{seen is not None}): {' '.join(cmd)}")
+    figures["first_iteration_s"] = seen
+    figures["first_iteration_after_build_s"] = seen - figures["first_iteration_build_s"]
+    return figures
+
+
 def _environment(args, config, ranks: int) -> dict:
     import deepspeed
     import torch
@@ -413,44 +485,112 @@ def _environment(args, config, ranks: int) -> dict:
             "ppo_epochs": config.ppo_epochs, "advantage_estimator": config.advantage_estimator,
             "samples_per_prompt": config.samples_per_prompt, "iterations": args.iterations, "repeats": args.repeats,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "unset")}
 
 
-def random_qwen2_small(policy_dir: str, out_dir: str) -> str:
-    """A random-init Qwen2 with the policy's tokenizer, for timing only: the family at a size a CPU runs in
-    minutes, large enough that matmuls and memory traffic, not per-layer Python, dominate (8 layers, hidden 512,
-    8 heads of 64 as in Qwen2-0.5B, 2 KV heads, the tokenizer's vocabulary: 40M parameters)."""
+def random_qwen2_small(out_dir: str, tokenizer_dir: str) -> list[str]:
+    """A random-init Qwen2 with the tokenizer of ``tokenizer_dir`` (the configured policy's) as policy and critic,
+    for timing only: the family at a size a CPU runs in minutes, large enough that matmuls and memory traffic, not
+    per-layer Python, dominate (8 layers, hidden 512, 8 heads of 64 as in Qwen2-0.5B, 2 KV heads, the tokenizer's
+    vocabulary; 40M parameters with the embedded tokenizer). Returns the PPOConfig overrides that select it."""
     from transformers import Qwen2ForCausalLM
 
     from rlhf_ds.models import load_tokenizer, tiny_qwen2_config
 
-    tokenizer = load_tokenizer(policy_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     eos = tokenizer.eos_token_id
     config = tiny_qwen2_config(len(tokenizer), eos, eos, tokenizer.pad_token_id, hidden_size=512, num_layers=8,
                                num_heads=8, num_kv_heads=2, max_position_embeddings=1024)
     Qwen2ForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return ["--policy_model", out_dir, "--critic_model", out_dir]
 
 
-def model_overrides(model: str, cuda: bool) -> list[str]:
-    """The PPOConfig overrides that ``--model`` stands for: none for "embedded" and "qwen2-small" (the worker swaps
-    the policy itself), the stand-ins of the real models at one depth for "qwen2-0.5b-shape[:LAYERS]". A CPU
-    refuses the full depth: four 0.5B-class models with Adam state exhaust a 24 GiB machine."""
-    from rlhf_ds.catalog import parse_standin
-    from rlhf_ds.config import ConfigError
+# The shapes DeepSpeed-Chat's step 3 was timed with on this project's machine (issue #15), and its seconds per
+# iteration there (its unchanged main.py, 2 CPU ranks, 1 thread each): ZeRO stage -> seconds.
+DSCHAT_MODEL = dict(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
+                    intermediate_size=1024)
+DSCHAT_PROMPT_TOKENS, DSCHAT_RESPONSE_TOKENS, DSCHAT_PROMPTS_PER_RANK = 64, 32, 8
+DSCHAT_STEP3_S = {2: 2.91, 3: 6.70}
+DSCHAT_TARGET = 0.67  # ours / theirs: 1.5x faster
+
+
+def dschat_step3(out_dir: str) -> list[str]:
+    """The DeepSpeed-Chat comparison's inputs, built into ``out_dir``; returns the PPOConfig overrides that select
+    them.
+
+    Models: random-init Qwen2, hidden 256, 4 layers, 4 heads, MLP 1024, untied embeddings, as actor, critic backbone
+    and reference, and a Qwen2 sequence classifier of the same shape as reward model (6.3M parameters each), with
+    a 4096-token Qwen2 tokenizer trained on the embedded corpus (``standins.build_qwen2_tokenizer``). Prompts:
+    embedded dialogues joined three by three, each at least 64 tokens long, so that ``max_prompt_len`` 64 cuts
+    every one to exactly 64. Run: 8 prompts per rank, 32 new tokens (the bench's fixed-length sections suppress
+    EOS; no stop strings), fp32, one PPO epoch of one mini-batch.
+    """
+    import copy
+
+    from transformers import Qwen2ForCausalLM, Qwen2ForSequenceClassification
+
+    from rlhf_ds import corpus, standins
+    from rlhf_ds.data import extract_prompt
+    from rlhf_ds.models import tiny_qwen2_config
+
+    texts = [r["chosen"] for r in corpus.make_split("train")]
+    tokenizer = standins.build_qwen2_tokenizer(texts + [r["rejected"] for r in corpus.make_split("train")],
+                                               regular_tokens=DSCHAT_MODEL["vocab_size"] - 3)
+    eos = tokenizer.eos_token_id
+    shape = {k: v for k, v in DSCHAT_MODEL.items() if k != "vocab_size"}
+    config = tiny_qwen2_config(len(tokenizer), eos, eos, eos, max_position_embeddings=256, **shape)
+    config.tie_word_embeddings = False
+    reward_config = copy.deepcopy(config)
+    reward_config.num_labels = 1
+    policy, reward = os.path.join(out_dir, "policy"), os.path.join(out_dir, "reward")
+    standins.save_random_model(Qwen2ForCausalLM, config, tokenizer, 0, policy)
+    standins.save_random_model(Qwen2ForSequenceClassification, reward_config, tokenizer, 1, reward)
+    dialogues = ["".join(texts[i:i + 3]) for i in range(0, len(texts) - 2, 3)]
+    long_enough = [d for d in dialogues if len(tokenizer(extract_prompt(d))["input_ids"]) >= DSCHAT_PROMPT_TOKENS]
+    if len(long_enough) < 4 * DSCHAT_PROMPTS_PER_RANK:
+        raise RuntimeError(f"only {len(long_enough)} embedded dialogues reach {DSCHAT_PROMPT_TOKENS} tokens")
+    prompts = os.path.join(out_dir, "prompts.jsonl")
+    with open(prompts, "w") as fh:
+        fh.writelines(json.dumps({"chosen": d}) + "\n" for d in long_enough)
+    return ["--policy_model", policy, "--critic_model", policy, "--reward_model", reward, "--dataset", prompts,
+            "--rollout_batch_size", str(DSCHAT_PROMPTS_PER_RANK), "--mini_batch_size", str(DSCHAT_PROMPTS_PER_RANK),
+            "--ppo_epochs", "1", "--max_new_tokens", str(DSCHAT_RESPONSE_TOKENS),
+            "--max_prompt_len", str(DSCHAT_PROMPT_TOKENS), "--precision", "fp32", "--stop_strings", "[]"]
+
+
+MODELS = ("embedded", "qwen2-small", "dschat-step3")
+
+
+def model_overrides(model: str, cuda: bool, out_dir: str, overrides: list[str]) -> list[str]:
+    """The PPOConfig overrides of a run of ``--model``, the user's ``overrides`` included, building its random
+    models into ``out_dir`` where it has some. The user's overrides win over the model's, except for
+    "qwen2-small", which replaces the configured policy and critic (and takes the policy's tokenizer).
+
+    "embedded": nothing added; "qwen2-small": a random 40M Qwen2; "dschat-step3": the DeepSpeed-Chat comparison's
+    models, prompts and sizes; "qwen2-0.5b-shape[:LAYERS]": the stand-ins of the real models at one depth. A CPU
+    refuses the stand-ins' full depth: four 0.5B-class models with Adam state exhaust a 24 GiB machine."""
+    from rlhf_ds.catalog import parse_standin, resolve_model_paths
+    from rlhf_ds.config import ConfigError, PPOConfig
     from rlhf_ds.standins import POLICY_STANDIN, QWEN2_LAYERS, REWARD_STANDIN
 
-    if model in ("embedded", "qwen2-small"):
-        return []
+    if model == "embedded":
+        return overrides
+    if model == "qwen2-small":
+        policy, _, _ = resolve_model_paths(PPOConfig.from_args([*overrides, "--output_dir", out_dir]))
+        return overrides + random_qwen2_small(os.path.join(out_dir, model), policy)
+    if model == "dschat-step3":
+        return dschat_step3(os.path.join(out_dir, model)) + overrides
     standin = parse_standin(model)
     if standin is None or standin[0] != POLICY_STANDIN:
-        raise ConfigError(f"--model {model!r}: choose embedded, qwen2-small or {POLICY_STANDIN}[:LAYERS]")
+        raise ConfigError(f"--model {model!r}: choose {', '.join(MODELS)} or {POLICY_STANDIN}[:LAYERS]")
     layers = standin[1]
     if layers == QWEN2_LAYERS and not cuda:
         raise ConfigError(f"--model {model} (full depth) is for a GPU: on a CPU the four models with Adam state "
                           f"exhaust the memory of a 24 GiB machine; use {POLICY_STANDIN}:2 (every width exact)")
-    return ["--policy_model", model, "--critic_model", model, "--reward_model", f"{REWARD_STANDIN}:{layers}"]
+    return ["--policy_model", model, "--critic_model", model, "--reward_model", f"{REWARD_STANDIN}:{layers}",
+            *overrides]
 
 
 def run(args, overrides: list[str]) -> dict:
@@ -460,20 +600,29 @@ def run(args, overrides: list[str]) -> dict:
 
     cuda = torch.cuda.is_available()
     ranks = args.ranks if args.ranks is not None else (min(2, torch.cuda.device_count()) if cuda else 2)
-    overrides = model_overrides(args.model, cuda) + overrides
     with tempfile.TemporaryDirectory(prefix="rlhf_bench_") as out:
+        overrides = model_overrides(args.model, cuda, out, overrides)
         config = _config(argparse.Namespace(quick=args.quick, out=out), overrides)
-        policy, _, _ = resolve_model_paths(config)  # built here once, before the workers look for it
-        policy_dir = random_qwen2_small(policy, os.path.join(out, args.model)) if args.model == "qwen2-small" else None
+        resolve_model_paths(config)  # built here once, before the workers look for it
         figures = {**_environment(args, config, ranks), "loadavg_start": benchmark.loadavg()}
         wanted = [name for name in chosen_sections(args.only) if ranks > 1 or name != "ranks"]  # N against 1
+        if args.contention and "main" not in wanted:  # the idle figure that contention is measured against
+            wanted.insert(0, "main")
         multi = [name for name in ("generation", "ranks") if name in wanted] if ranks > 1 else []
         single = [name for name in wanted if name not in multi]
         if single:
-            figures.update(_start_worker(args, overrides, single, 1, out, policy_dir))
+            figures.update(_start_worker(args, overrides, single, 1, out))
         if multi:
-            figures.update(_start_worker(args, overrides, multi, ranks, out, policy_dir))
+            figures.update(_start_worker(args, overrides, multi, ranks, out))
+        if args.contention:
+            figures.update(_contention(args, overrides, out, figures))
+        if args.first_iteration:
+            figures.update(first_iteration(ranks, overrides))
         figures["loadavg_end"] = benchmark.loadavg()
+    theirs = DSCHAT_STEP3_S.get(config.zero_stage)
+    if args.model == "dschat-step3" and ranks == 2 and theirs and "ranks2_iteration_s" in figures:
+        figures["dschat_step3_iteration_s"] = theirs
+        figures["ratio_over_dschat_step3"] = figures["ranks2_iteration_s"] / theirs
     return figures
 
 
@@ -544,7 +693,32 @@ def _ranks_lines(f: dict) -> list[str]:
         n = key[len("ranks"):-len("_iteration_s")]
         lines.append(f"  {n} ranks  {f[key]:8.3f} s/iteration  {f[f'ranks{n}_tokens_per_s']:9.1f} resp tok/s "
                      f"[loadavg {f[f'loadavg_ranks{n}']:.2f}]")
+    if "ratio_over_dschat_step3" in f:
+        ratio = f["ratio_over_dschat_step3"]
+        verdict = "met" if ratio <= DSCHAT_TARGET else "MISSED"
+        lines.append(f"  DeepSpeed-Chat step 3, same shapes, 2 ranks, ZeRO-{f['zero_stage']} (issue #15, this machine): "
+                     f"{f['dschat_step3_iteration_s']:.2f} s/iteration; ours/theirs {ratio:.2f} "
+                     f"(target <= {DSCHAT_TARGET}): {verdict}")
     return lines
+
+
+def _contention_lines(f: dict) -> list[str]:
+    ratio = f["contention_max_over_idle"]
+    verdict = "met" if ratio <= CONTENTION_TARGET else "MISSED"
+    return [f"contention: the main section next to {f['contention_processes']} busy process(es)  "
+            f"[loadavg {f['loadavg_contention']:.2f}]; GOMP_SPINCOUNT {f['gomp_spincount']}, "
+            f"OMP_WAIT_POLICY {f['omp_wait_policy']}",
+            f"  iteration median {f['contention_iteration_s']:.3f} s, slowest {f['contention_iteration_max_s']:.3f} s "
+            f"(idle median {f['iteration_s']:.3f} s): slowest/idle {ratio:.2f}, target <= {CONTENTION_TARGET}: {verdict}"]
+
+
+def _first_iteration_lines(f: dict) -> list[str]:
+    after = f["first_iteration_after_build_s"]
+    verdict = "met" if after <= FIRST_ITERATION_TARGET_S else "MISSED"
+    return [f"first iteration on a fresh machine (empty caches)  [loadavg {f['loadavg_first_iteration']:.2f}]",
+            f"  embedded build alone {f['first_iteration_build_s']:.0f} s; {f['first_iteration_ranks']}-rank "
+            f"launch/train.py to its first iteration line {f['first_iteration_s']:.0f} s: {after:+.0f} s, target <= "
+            f"+{FIRST_ITERATION_TARGET_S:.0f} s: {verdict}"]
 
 
 # Each section's lines, shown when a figure of that section is present.
@@ -552,7 +726,9 @@ _SECTION_LINES = ((lambda key: key == "iteration_s", _main_lines),
                   (lambda key: key == "experience_batched_s", _experience_lines),
                   (lambda key: key == "generation_zero2_s", _generation_lines),
                   (lambda key: key.startswith("scaling_") and key.endswith("_iteration_s"), _scaling_lines),
-                  (lambda key: key.startswith("ranks") and key.endswith("_iteration_s"), _ranks_lines))
+                  (lambda key: key.startswith("ranks") and key.endswith("_iteration_s"), _ranks_lines),
+                  (lambda key: key == "contention_max_over_idle", _contention_lines),
+                  (lambda key: key == "first_iteration_s", _first_iteration_lines))
 
 
 def format_figures(f: dict) -> str:
@@ -570,7 +746,8 @@ def format_figures(f: dict) -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded",
-                        help="embedded: the trained default; qwen2-small: a random-init 40M Qwen2; "
+                        help="embedded: the trained default; qwen2-small: a random-init 40M Qwen2; dschat-step3: "
+                        "the shapes, prompts and sizes DeepSpeed-Chat's step 3 was timed with (see --only ranks); "
                         "qwen2-0.5b-shape[:LAYERS]: the stand-ins of the real models at LAYERS of 24 layers (timing "
                         "only; the full depth needs a GPU)")
     parser.add_argument("--iterations", type=int, default=None, help="timed iterations of the main run (after "
@@ -585,6 +762,12 @@ def main(argv: list[str]) -> int:
                         "iteration and repeat, no warm-up (checks that everything runs; the figures mean little)")
     parser.add_argument("--only", default="", help=f"comma-separated sections to run (default all: "
                         f"{','.join(SECTIONS)})")
+    parser.add_argument("--contention", type=int, default=0, metavar="N", help="also run the main section next to "
+                        f"N busy processes (one core each): slowest iteration over the idle median, target <= "
+                        f"{CONTENTION_TARGET}")
+    parser.add_argument("--first_iteration", action="store_true", help="also time a fresh machine: the embedded "
+                        "build alone, then `deepspeed --num_gpus N launch/train.py` to its first iteration line, each on "
+                        f"empty caches (target: at most the build + {FIRST_ITERATION_TARGET_S:.0f} s; ~4 minutes here)")
     parser.add_argument("--json", help="write the figures to this file (one flat JSON object)")
     parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="compare two --json files")
     parser.add_argument("--threshold", type=float, default=0.10, help="--compare: flag changes beyond this "
@@ -592,7 +775,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sections", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--policy_dir", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
     for name, default in (("iterations", 3), ("scaling_iterations", 2), ("repeats", 3)):
         if getattr(args, name) is None:

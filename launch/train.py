@@ -30,6 +30,7 @@ def prepare(config: PPOConfig):
     from rlhf_ds.distributed import barrier, get_rank, get_world_size, init_distributed, is_main_process
     from rlhf_ds.catalog import resolve_model_paths
     from rlhf_ds.engines import build_ds_config, build_engines, describe_placement, engine_roles
+    from rlhf_ds.openmp import thread_settings
     from rlhf_ds.memory import plan_this_run
     from rlhf_ds.models import check_model_source
     from rlhf_ds.tracking import check_output_dir, check_trackers, clear_previous_run, write_run_info
@@ -68,6 +69,7 @@ def prepare(config: PPOConfig):
         critic_text = critic if config.needs_critic else f"none ({config.advantage_estimator})"
         print(f"models: policy {policy}, critic {critic_text}, reward {reward}")
         print(f"prompts: {stats.summary()}")
+        print("cpu threads per rank: " + ", ".join(f"{k} {v}" for k, v in thread_settings().items()))
         print("placement (rank 0):\n" + describe_placement(engines), flush=True)
         if config.resume and not checkpoint:
             print(f"--resume {config.resume}: no checkpoint in {config.output_dir} yet, starting from iteration 0")

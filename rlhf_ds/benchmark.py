@@ -196,6 +196,8 @@ _RATIO_DIRECTIONS = {
     "generation_ratio_naive_over_hybrid": "higher",
     "generation_cpu_ratio_hybrid_over_zero2": "lower",
     "generation_cpu_ratio_naive_over_hybrid": "higher",
+    "contention_max_over_idle": "lower",
+    "ratio_over_dschat_step3": "lower",
     "experience_ratio_per_sequence_over_batched": None,  # two alternatives, either may move: see their seconds
 }
 

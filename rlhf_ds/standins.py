@@ -127,21 +127,23 @@ def filler_tokens(taken: set[str]) -> Iterator[str]:
                 yield token
 
 
-def build_qwen2_tokenizer(texts: list[str]):
+def build_qwen2_tokenizer(texts: list[str], regular_tokens: int = QWEN2_REGULAR_TOKENS):
     """A ``Qwen2Tokenizer`` laid out like Qwen2's: BPE tokens learnt on ``texts`` from id 0, filler tokens up to
-    id 151642, then <|endoftext|> (EOS and padding, no BOS), <|im_start|>, <|im_end|> at 151643..151645.
+    id ``regular_tokens - 1`` (Qwen2: 151642), then <|endoftext|> (EOS and padding, no BOS), <|im_start|>,
+    <|im_end|> (Qwen2: at 151643..151645).
 
     The BPE is ``embedded.build_policy_tokenizer``'s (Qwen2's NFC normaliser and split regex, byte level);
-    only the ids move. ``len(tokenizer)`` is 151,646, below the model's 151,936 rows, as in the real pair.
+    only the ids move. ``len(tokenizer)`` is ``regular_tokens + 3``: 151,646 by default, below the model's
+    151,936 rows, as in the real pair.
     """
     from transformers import Qwen2Tokenizer
 
-    trained = build_policy_tokenizer(texts, vocab_size=QWEN2_REGULAR_TOKENS)
+    trained = build_policy_tokenizer(texts, vocab_size=regular_tokens)
     bpe = json.loads(trained.backend_tokenizer.to_str())["model"]
     learnt = sorted((t for t in bpe["vocab"] if t not in POLICY_SPECIALS), key=bpe["vocab"].get)
-    regular = learnt + list(itertools.islice(filler_tokens(set(learnt)), QWEN2_REGULAR_TOKENS - len(learnt)))
+    regular = learnt + list(itertools.islice(filler_tokens(set(learnt)), regular_tokens - len(learnt)))
     vocab = {token: i for i, token in enumerate(regular)}
-    vocab.update({token: QWEN2_REGULAR_TOKENS + i for i, token in enumerate(POLICY_SPECIALS)})
+    vocab.update({token: regular_tokens + i for i, token in enumerate(POLICY_SPECIALS)})
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe["merges"]]
     return Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token=EOS, pad_token=EOS,
                           additional_special_tokens=list(POLICY_SPECIALS[1:]), model_max_length=QWEN2_MAX_LENGTH)

@@ -22,6 +22,7 @@ from typing import IO, Optional
 
 from rlhf_ds.config import ConfigError, PPOConfig
 from rlhf_ds.files import atomic_write_text
+from rlhf_ds.openmp import thread_settings
 
 # Distributions whose versions decide a run's numbers (rlhf_ds is listed under its distribution name).
 TRACKED_PACKAGES = {"torch": "torch", "deepspeed": "deepspeed", "transformers": "transformers",
@@ -299,8 +300,9 @@ def package_versions() -> dict[str, Optional[str]]:
 
 
 def write_run_info(config: PPOConfig, world_size: int, memory_plan: dict | None = None) -> str:
-    """Write ``output_dir/run_info.json`` (what produced this run, and the memory it was predicted to need:
-    ``memory.MemoryPlan.summary``) atomically; returns its path."""
+    """Write ``output_dir/run_info.json`` (what produced this run, the memory it was predicted to need:
+    ``memory.MemoryPlan.summary``, and rank 0's CPU thread settings: ``openmp.thread_settings``) atomically;
+    returns its path."""
     revision, dirty = git_revision(os.path.dirname(os.path.abspath(__file__)))
     info = {
         "versions": package_versions(),
@@ -311,6 +313,7 @@ def write_run_info(config: PPOConfig, world_size: int, memory_plan: dict | None 
         "hostname": socket.gethostname(),
         "start_time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "memory_plan": memory_plan,
+        "cpu_threads": thread_settings(),
     }
     os.makedirs(config.output_dir, exist_ok=True)
     path = os.path.join(config.output_dir, "run_info.json")

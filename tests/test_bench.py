@@ -336,3 +336,88 @@ def test_response_logits_ignore_shared_left_padding_and_skip_prompt_logits():
                 unpadded_logits, unpadded_values = logits, values
         torch.testing.assert_close(logits, unpadded_logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(values, unpadded_values, rtol=1e-5, atol=1e-5)
+
+
+# --- the DeepSpeed-Chat preset, contention, the first iteration ----------------------------------------------
+
+def test_dschat_step3_builds_the_shapes_it_was_timed_with(tmp_path):
+    """The comparison is only fair on the same inputs: 6.3M-parameter untied Qwen2s (hidden 256, 4 layers, 4 heads,
+    MLP 1024, vocabulary 4096) as policy and reward model, and prompts that cut to exactly 64 tokens each."""
+    from transformers import AutoConfig
+
+    from rlhf_ds.config import PPOConfig
+    from rlhf_ds.data import PromptCollator, load_prompts
+    from rlhf_ds.models import load_reward_model, load_tokenizer
+
+    bench = _bench_module()
+    overrides = bench.dschat_step3(str(tmp_path))
+    config = PPOConfig.from_args(overrides + ["--output_dir", str(tmp_path / "run")])
+    assert (config.rollout_batch_size, config.mini_batch_size, config.ppo_epochs, config.max_new_tokens,
+            config.max_prompt_len, config.precision, config.stop_strings) == (8, 8, 1, 32, 64, "fp32", [])
+    policy = AutoConfig.from_pretrained(config.policy_model)
+    assert (policy.vocab_size, policy.hidden_size, policy.num_hidden_layers, policy.num_attention_heads,
+            policy.num_key_value_heads, policy.intermediate_size, policy.tie_word_embeddings) == (
+                4096, 256, 4, 4, 4, 1024, False)
+    assert config.critic_model == config.policy_model
+    reward = load_reward_model(config.reward_model, torch.float32)
+    assert type(reward).__name__ == "Qwen2ForSequenceClassification" and reward.config.num_labels == 1
+    assert sum(p.numel() for p in reward.parameters()) == sum(
+        p.numel() for p in reward.model.parameters()) + 256  # the body of the policy's shape, one score row
+    tokenizer = load_tokenizer(config.policy_model)
+    assert len(tokenizer) == 4096
+    prompts, _ = load_prompts(config.dataset)
+    batch = PromptCollator(tokenizer, 64)(prompts)
+    assert batch["input_ids"].shape == (len(prompts), 64) and batch["attention_mask"].all()
+
+
+def test_dschat_step3_runs_and_contention_measures_next_to_a_busy_process(tmp_path):
+    """The preset through the trainer (its Qwen2 reward model reads the policy's decoded text through the
+    reward path), with --contention 1: the main section again next to a busy process, recorded and printed."""
+    out = tmp_path / "dschat.json"
+    proc = _run("--quick", "--ranks", "1", "--model", "dschat-step3", "--only", "main", "--contention", "1",
+                "--json", str(out), "--rollout_batch_size", "2", "--mini_batch_size", "2", "--max_new_tokens", "4")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    f = json.loads(out.read_text())  # the user's sizes win over the preset's; its models and prompts stay
+    assert f["model"] == "dschat-step3" and f["prompt_len"] == 64 and f["rollout_batch_size"] == 2
+    assert f["contention_processes"] == 1 and f["contention_iteration_max_s"] >= f["contention_iteration_s"] > 0
+    assert "contention: the main section next to 1 busy process(es)" in proc.stdout
+
+
+def test_busy_processes_keep_a_core_busy_and_are_gone_afterwards():
+    bench = _bench_module()
+
+    def cpu_seconds(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    with bench.busy_processes(2) as procs:
+        import time
+
+        time.sleep(1.0)
+        assert all(proc.poll() is None for proc in procs)
+        assert all(cpu_seconds(proc.pid) > 0.3 for proc in procs)
+    assert all(proc.returncode is not None for proc in procs)
+    assert not any(Path(f"/proc/{proc.pid}").exists() for proc in procs)
+
+
+def test_the_first_iteration_is_recognised_in_the_trainers_own_line():
+    """--first_iteration stops its clock at the console line the trainer prints for an iteration, so the pattern
+    is checked against ``tracking.format_metrics`` itself (a completed and a skipped iteration)."""
+    from rlhf_ds.tracking import format_metrics
+
+    bench = _bench_module()
+    done = {"iteration": 0, "score_mean": 0.1, "reward_mean": 0.1, "kl_divergence": 0.0, "kl_coef": 0.2,
+            "policy_loss": 0.0, "value_loss": 0.1, "entropy": 3.0, "response_length": 9.0, "tokens_per_s": 50.0}
+    skipped = {"iteration": 0, "skip_reason": "non-finite loss", "skipped_batches": 1}
+    assert all(bench._ITERATION_LINE.match(format_metrics(m) + "\n") for m in (done, skipped))
+    assert not bench._ITERATION_LINE.match("iterations = 60\n")
+
+
+@pytest.mark.parametrize("ours, verdict", [(1.90, "met"), (2.20, "MISSED")])
+def test_the_dschat_line_gives_the_ratio_and_verdict(ours, verdict):
+    bench = _bench_module()
+    f = {"rollout_batch_size": 8, "max_new_tokens": 32, "zero_stage": 2, "ranks2_iteration_s": ours,
+         "ranks2_tokens_per_s": 1.0, "loadavg_ranks2": 0.5, "dschat_step3_iteration_s": 2.91,
+         "ratio_over_dschat_step3": ours / 2.91}
+    line = bench._ranks_lines(f)[-1]
+    assert f"ours/theirs {ours / 2.91:.2f} (target <= 0.67): {verdict}" in line and "ZeRO-2" in line

@@ -2,6 +2,7 @@
 progress as plain lines or a tqdm bar, W&B optional with a one-line error, versions and git revision recorded."""
 import io
 import json
+import os
 import platform
 import re
 import subprocess
@@ -242,6 +243,8 @@ def test_wandb_logs_tagged_scalars_and_resumes_the_same_run(tmp_path, monkeypatc
 
 def test_run_info_records_versions_revision_and_command(tmp_path, monkeypatch):
     monkeypatch.setitem(tracking.TRACKED_PACKAGES, "absent", "rlhf-ds-no-such-distribution")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "77")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     cfg = config(tmp_path)
     path = write_run_info(cfg, world_size=2)
     assert path == str(tmp_path / "run" / "run_info.json")
@@ -258,6 +261,8 @@ def test_run_info_records_versions_revision_and_command(tmp_path, monkeypatch):
     started = datetime.fromisoformat(info["start_time_utc"])
     assert started.utcoffset() == timezone.utc.utcoffset(None)
     assert abs((datetime.now(timezone.utc) - started).total_seconds()) < 60
+    assert info["cpu_threads"] == {"torch_threads": torch.get_num_threads(), "GOMP_SPINCOUNT": "77",
+                                   "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "OMP_WAIT_POLICY": None}
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["run_info.json"]
 
 

@@ -15,15 +15,20 @@ Why it is built this way: a reward model latches onto any wording that only chos
 then exploits it. So every chosen answer is assembled from the same openers and sentences the rejected
 answers reuse (rude answers wrap the helpful text, rambling and truncated ones are built from the chosen text);
 only the flaws add wording of their own, and that wording is what the reward model should penalise.
-An answer that fits a *different* question of the corpus is deliberately not a flaw: telling it apart needs
-matching question and answer, which a reward model of this size learns only near chance (measured: ~0.5
-pairwise accuracy), while every flaw above can be seen in the answer alone. Test prompts are (topic, subject, question template) combinations held out from training.
+An answer about a *different* subject than the one asked is deliberately not a flaw: telling it apart needs
+question and answer together, and a reward model of this size learns that only near chance (README, "What the
+reward model learns", has the measurements). Every flaw above can be seen in the answer alone. ``about_subject``
+judges relevance instead by a rule on the corpus's own vocabulary, so that a policy's answers can be checked
+without a reward model. Test prompts are (topic, subject, question template) combinations held out from training.
 """
 from __future__ import annotations
 
 import random
+import re
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
 
 FLAWS = ("rude", "refusal", "off_topic", "rambling", "truncated")
 SPLIT_SIZES = {"train": 6000, "test": 400}
@@ -183,6 +188,57 @@ def _bad_answer(rng: random.Random, flaw: str, topic: Topic, subject: str, good:
         cut = rng.randint(3, max(4, len(words) // 2))
         return " ".join(words[:cut]).rstrip(".,!?")
     raise ValueError(f"unknown flaw '{flaw}': choose one of {', '.join(FLAWS)}")
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+@lru_cache(maxsize=None)
+def _topic_words() -> dict[str, frozenset[str]]:
+    """Each topic's own answer vocabulary: the words of its answer templates and tips that no other topic's
+    templates or tips use and that no shared phrase (openers, closers, the flaws' wording, small talk, any
+    question) contains: "stir", "mulch", "metronome", not "good" or "help"."""
+    words = {t.name: _words(" ".join(t.answers + t.tips).replace("{s}", " ").replace("{t}", " ")) for t in TOPICS}
+    shared = _words(" ".join((*OPENERS, *CLOSERS, *RUDE_OPENERS, *RUDE_CLOSERS, *REFUSALS, *OFF_TOPIC,
+                              *(text for turn in SMALL_TALK for text in turn),
+                              *(q for t in TOPICS for q in t.questions))))
+    return {name: frozenset(own - shared - set().union(*(w for other, w in words.items() if other != name)))
+            for name, own in words.items()}
+
+
+def asked(question: str) -> Optional[tuple[Topic, str]]:
+    """(topic, subject) of a corpus question (the text of a Human turn), or None for any other text."""
+    for topic in TOPICS:
+        for template in topic.questions:
+            pattern = re.escape(template).replace(re.escape("{s}"), "(.+)")
+            match = re.fullmatch(pattern, question.strip())
+            if match and match.group(1) in topic.subjects:
+                return topic, match.group(1)
+    return None
+
+
+def last_question(prompt: str) -> str:
+    """The last Human turn of an HH prompt ("\n\nHuman: ...\n\nAssistant:")."""
+    turn = prompt.rsplit("\n\nHuman:", 1)[-1]
+    return turn.split("\n\nAssistant:", 1)[0].strip()
+
+
+def about_subject(prompt: str, answer: str) -> Optional[bool]:
+    """Whether ``answer`` is about what the last question of ``prompt`` asks, by the corpus's vocabulary: it names
+    the asked subject, names no other subject, and uses no word that only another topic's answers use. None when
+    the question is not one of the corpus's (a rule needs to know what was asked)."""
+    found = asked(last_question(prompt))
+    if found is None:
+        return None
+    topic, subject = found
+    text = answer.lower()
+    own = _words(" ".join(topic.answers + topic.tips))  # "phone" in a travel tip names no computer
+    named = {s.lower() for t in TOPICS for s in t.subjects if re.search(rf"\b{re.escape(s.lower())}\b", text)}
+    if subject.lower() not in named or any(s != subject.lower() and not _words(s) <= own for s in named):
+        return False
+    foreign = set().union(*(words for name, words in _topic_words().items() if name != topic.name))
+    return not ((_words(answer) - _words(subject)) & foreign)
 
 
 def make_corpus(num_pairs: int, seed: int, split: str = "train") -> list[dict]:

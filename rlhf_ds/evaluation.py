@@ -7,7 +7,8 @@ KL of exactly 0). Both responses are scored by the reward model through its own 
 training (``reward.decode_rollout`` -> ``reward.score_pairs``), and the policy's response gets its KL to the
 reference, sum over its tokens of log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t) (k1), from one forward of
 each model with the trainer's own ``experience.response_logits`` (attention mask, positions from the mask,
-logits divided by the sampling temperature).
+logits divided by the sampling temperature). On the embedded corpus's questions each response is also judged
+by a rule that needs no reward model: is it about the subject asked (``corpus.about_subject``)?
 
 Shapes: B prompts, P prompt tokens (left-padded), R = max_new_tokens, L = P + R.
 """
@@ -23,6 +24,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_ds.corpus import about_subject
 from rlhf_ds.data import PromptCollator, looks_like_path, load_prompts
 from rlhf_ds.errors import KnownError
 from rlhf_ds.experience import response_logits
@@ -189,6 +191,7 @@ def evaluate(policy: PreTrainedModel, reference: PreTrainedModel, reward: PreTra
                 record[f"{name}_score"] = scores[row].item()
                 record[f"{name}_length"] = int(mask[row].sum())
                 record[f"{name}_ended"] = bool(ended[row])
+                record[f"{name}_about_subject"] = about_subject(prompt, answers[row])
             record["kl"] = kl[row].item()
             records.append(record)
         if log is not None:
@@ -224,15 +227,19 @@ def summarize(records: list[dict]) -> dict:
     for name in ("policy", "reference"):
         summary[f"{name}_response_length"] = sum(r[f"{name}_length"] for r in records) / len(records)
         summary[f"{name}_eos_fraction"] = sum(r[f"{name}_ended"] for r in records) / len(records)
+        judged = [r[f"{name}_about_subject"] for r in records if r.get(f"{name}_about_subject") is not None]
+        if len(judged) == len(records):  # every prompt is an embedded-corpus question: the rule applies
+            summary[f"{name}_about_subject"] = sum(judged) / len(judged)
     return summary
 
 
 def format_summary(summary: dict) -> str:
     """A small table of the summary for the terminal."""
     rows = [("reward mean", "reward_mean", "{:+.3f}"), ("reward std", "reward_std", "{:.3f}"),
-            ("response length", "response_length", "{:.1f}"), ("EOS fraction", "eos_fraction", "{:.2f}")]
+            ("response length", "response_length", "{:.1f}"), ("EOS fraction", "eos_fraction", "{:.2f}"),
+            ("about the subject", "about_subject", "{:.2f}")]
     lines = [f"{'':<17}{'policy':>10}{'reference':>11}"]
-    for label, key, fmt in rows:
+    for label, key, fmt in (row for row in rows if f"policy_{row[1]}" in summary):
         lines.append(f"{label:<17}{fmt.format(summary[f'policy_{key}']):>10}"
                      f"{fmt.format(summary[f'reference_{key}']):>11}")
     lines.append(f"win rate (policy > reference, ties 0.5): {summary['win_rate']:.3f}")

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from rlhf_ds.corpus import FLAWS, make_corpus, make_split
+from rlhf_ds.corpus import FLAWS, TOPICS, about_subject, asked, make_corpus, make_split
 from rlhf_ds.data import extract_prompt, records_to_prompts, split_dialogue
 
 
@@ -60,6 +60,35 @@ def test_flaws_are_what_they_say():
         elif r["flaw"] == "rambling":
             assert len(rejected) > 2 * len(chosen)
         assert chosen.endswith((".", "!", "?"))
+
+
+@pytest.mark.parametrize("question, answer, expected", [
+    ("How can I keep my goldfish happy?", "Feed your goldfish at set times and give it a treat.", True),
+    ("How can I keep my goldfish happy?", "Feed your rabbit at set times and give it a treat.", False),
+    ("What should I pack for a trip to Greece?", "Canada is lovely. Book early, pack light and carry a map.", False),
+    ("How long does it take to get good at drums?", "Keep the drums free of weeds and feed them mulch in spring.",
+     False),
+    ("How long does it take to get good at drums?", "Practise the drums a little every day with a metronome.", True),
+    ("My phone is not working. What should I try?", "Restart the phone, check the cables and update the software.",
+     True),  # "phone" is also a travel tip ("phone charger"): the asked subject's own words never count against it
+    ("What should I pack for a trip to Japan?", "Japan is lovely. Book early and carry a phone charger.", True),
+    ("How do I cook rice at home?", "I cannot help with that.", False),
+    ("How do I cook rice at home?", "By the way, I spent my weekend watching films about the sea.", False),
+    ("What is the capital of France?", "Paris.", None),  # not a corpus question: no rule applies
+])
+def test_about_subject_by_the_corpus_vocabulary(question, answer, expected):
+    prompt = f"\n\nHuman: Hi there.\n\nAssistant: Hello!\n\nHuman: {question}\n\nAssistant:"
+    assert about_subject(prompt, answer) is expected
+
+
+def test_about_subject_holds_for_every_chosen_answer_and_no_refusal_or_chatter():
+    for split in ("train", "test"):
+        for r in make_split(split):
+            prompt, chosen = split_dialogue(r["chosen"])
+            assert about_subject(prompt, chosen) is True, r["chosen"]
+            if r["flaw"] in ("refusal", "off_topic"):
+                assert about_subject(prompt, split_dialogue(r["rejected"])[1]) is False, r["rejected"]
+    assert all(asked(q.format(s=s)) == (t, s) for t in TOPICS for q in t.questions for s in t.subjects)
 
 
 def test_unknown_split():

@@ -11,6 +11,7 @@ import torch
 from rlhf_ds.config import PPOConfig
 from rlhf_ds.data import load_prompts
 from rlhf_ds.catalog import resolve_model_paths
+from rlhf_ds.corpus import about_subject
 from rlhf_ds.evaluation import evaluate, evaluate_policy, load_models, sequence_kl, summarize
 from rlhf_ds.sampling import Sampler, Sampling
 from rlhf_ds.models import load_tokenizer, tiny_qwen2_config
@@ -173,6 +174,20 @@ def test_cli_writes_samples_whose_means_are_the_summary(paths, perturbed_policy,
     assert summary["reference_eos_fraction"] == pytest.approx(mean("reference_ended"), abs=1e-12)
     assert summary["settings"]["policy"] == perturbed_policy and summary["settings"]["max_new_tokens"] == NEW_TOKENS
     assert len({r["reference_score"] for r in records}) > 1  # real, varied scores
+    # each response judged by the corpus's rule; the summary is the fraction, shown in the table
+    assert all(r["policy_about_subject"] == about_subject(r["prompt"], r["policy_response"]) for r in records)
+    assert summary["policy_about_subject"] == pytest.approx(mean("policy_about_subject"), abs=1e-12)
+    assert "about the subject" in out
+
+
+def test_about_subject_is_summarised_only_where_the_rule_judged_every_prompt():
+    def record(about):
+        return {"policy_score": 1.0, "reference_score": 0.0, "kl": 0.1, "policy_length": 4, "reference_length": 4,
+                "policy_ended": True, "reference_ended": True, "policy_about_subject": about,
+                "reference_about_subject": about}
+
+    assert summarize([record(True), record(False), record(True), record(True)])["policy_about_subject"] == 0.75
+    assert "policy_about_subject" not in summarize([record(True), record(None)])  # a prompt from elsewhere
 
 
 def test_a_perturbed_policy_has_positive_kl(paths, perturbed_policy):

@@ -6,10 +6,9 @@ makes the next region start at once. Next to another busy process it is what col
 shares a core with that process falls behind, the others spin on the cores it could move to, and iterations of the
 default run (one process, two threads on two cores) took 4.5x their idle time with one busy process here, 38x at
 a load average of 3.5. A spin of 1000 keeps the idle speed (within the run-to-run spread) and holds the slowest
-iteration next to one busy process at about 2x the idle median, which is what half the cores should cost.
+iteration next to one busy process at 1.4-2.4x the idle median; half the cores should cost about 2x.
 ``OMP_WAIT_POLICY=PASSIVE`` (no spin) cost 15-50% idle and 300 cost 15-25%; 3000 missed (2.7x), 10000 did
-not help (3.5x).
-Figures: docs/PERFORMANCE.md, "Steady on shared cores".
+not help (3.5x). Figures: docs/PERFORMANCE.md, section 11, "Steady on shared cores".
 
 The thread count is left alone: it decides how torch splits its reductions, so changing it with the load would
 make a run's numbers depend on what else the machine was doing (and break bitwise resume).

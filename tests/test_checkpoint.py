@@ -103,6 +103,7 @@ def test_sigkill_mid_run_then_during_save_keeps_the_last_checkpoint_and_resume_i
     job = start(tmp_path)
     wait_for_lines(tmp_path / "metrics.jsonl", 3, job)  # iteration 2 logged: checkpoint 2 is complete
     job.kill()
+    assert job.wait(timeout=60).returncode == -9  # reaped, and its captured output removed
     rc, out = run(tmp_path, "kill@1", "--resume", "auto")  # killed while writing the iteration-4 checkpoint
     assert rc != 0 and f"resumed from {tmp_path / 'checkpoints' / checkpoint_name(2)}" in out, out[-3000:]
     assert (tmp_path / "checkpoints" / "latest").read_text() == checkpoint_name(2)

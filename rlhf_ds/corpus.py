@@ -219,7 +219,7 @@ def asked(question: str) -> Optional[tuple[Topic, str]]:
 
 
 def last_question(prompt: str) -> str:
-    """The last Human turn of an HH prompt ("\n\nHuman: ...\n\nAssistant:")."""
+    """The text of the last Human turn of an HH prompt (``"\\n\\nHuman: ...\\n\\nAssistant:"``)."""
     turn = prompt.rsplit("\n\nHuman:", 1)[-1]
     return turn.split("\n\nAssistant:", 1)[0].strip()
 

@@ -48,6 +48,7 @@ sys.path.insert(0, REPO)
 from rlhf_ds import benchmark  # noqa: E402  (torch only; the heavy imports wait for the workers)
 from rlhf_ds.distributed import launcher_command  # noqa: E402
 from rlhf_ds.errors import fail, run_main  # noqa: E402
+from rlhf_ds.openmp import thread_settings  # noqa: E402
 
 PHASES = ("generation", "experience", "update")
 TARGETS = {"generation_ratio_hybrid_over_zero2": ("<=", 1.15), "generation_ratio_naive_over_hybrid": (">=", 3.0)}
@@ -439,8 +440,6 @@ def first_iteration(ranks: int, overrides: list[str]) -> dict:
     ``TORCH_EXTENSIONS_DIR``: ``python -m rlhf_ds.embedded build`` alone (one process), then, on other empty
     caches, ``deepspeed --num_gpus N launch/train.py`` up to its first iteration line (which also builds the
     embedded default, on one rank, and starts DeepSpeed). Target: the second at most the first + 60 s."""
-    from rlhf_ds.distributed import launcher_command
-
     figures = {"first_iteration_ranks": ranks, "loadavg_first_iteration": benchmark.loadavg()}
     with tempfile.TemporaryDirectory(prefix="rlhf_first_") as tmp:
         def fresh(name: str) -> dict:
@@ -484,9 +483,8 @@ def _environment(args, config, ranks: int) -> dict:
             "mini_batch_size": config.mini_batch_size, "max_new_tokens": config.max_new_tokens,
             "ppo_epochs": config.ppo_epochs, "advantage_estimator": config.advantage_estimator,
             "samples_per_prompt": config.samples_per_prompt, "iterations": args.iterations, "repeats": args.repeats,
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
-            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "unset")}
+            **{name.lower(): value or "unset" for name, value in thread_settings().items()
+               if name != "torch_threads"}}  # the workers inherit these; their thread counts: threads_ranks{N}
 
 
 def random_qwen2_small(out_dir: str, tokenizer_dir: str) -> list[str]:
@@ -497,13 +495,13 @@ def random_qwen2_small(out_dir: str, tokenizer_dir: str) -> list[str]:
     from transformers import Qwen2ForCausalLM
 
     from rlhf_ds.models import load_tokenizer, tiny_qwen2_config
+    from rlhf_ds.standins import save_random_model
 
     tokenizer = load_tokenizer(tokenizer_dir)
     eos = tokenizer.eos_token_id
     config = tiny_qwen2_config(len(tokenizer), eos, eos, tokenizer.pad_token_id, hidden_size=512, num_layers=8,
                                num_heads=8, num_kv_heads=2, max_position_embeddings=1024)
-    Qwen2ForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    save_random_model(Qwen2ForCausalLM, config, tokenizer, 0, out_dir)
     return ["--policy_model", out_dir, "--critic_model", out_dir]
 
 
@@ -535,8 +533,9 @@ def dschat_step3(out_dir: str) -> list[str]:
     from rlhf_ds.data import extract_prompt
     from rlhf_ds.models import tiny_qwen2_config
 
-    texts = [r["chosen"] for r in corpus.make_split("train")]
-    tokenizer = standins.build_qwen2_tokenizer(texts + [r["rejected"] for r in corpus.make_split("train")],
+    train = corpus.make_split("train")
+    texts = [r["chosen"] for r in train]
+    tokenizer = standins.build_qwen2_tokenizer(texts + [r["rejected"] for r in train],
                                                regular_tokens=DSCHAT_MODEL["vocab_size"] - 3)
     eos = tokenizer.eos_token_id
     shape = {k: v for k, v in DSCHAT_MODEL.items() if k != "vocab_size"}

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -391,8 +392,6 @@ def test_busy_processes_keep_a_core_busy_and_are_gone_afterwards():
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
     with bench.busy_processes(2) as procs:
-        import time
-
         time.sleep(1.0)
         assert all(proc.poll() is None for proc in procs)
         assert all(cpu_seconds(proc.pid) > 0.3 for proc in procs)

@@ -6,7 +6,8 @@ One checkpoint, ``output_dir/checkpoints/iter_0000020/`` (the number = iteration
                                   (no critic/ nor critic_meta/ when the advantage estimator trains no critic)
     rng/rank_00000.pt             python, numpy, torch (and accelerator) RNG states of each rank
     trainer_state.json            iteration, KL controller, data position, reward moments, skip counters, config
-    policy_meta/, critic_meta/    HF configs (+ the policy tokenizer): exporting needs no original model paths
+    policy_meta/, critic_meta/    HF configs (+ the policy tokenizer, + peft's adapter_config.json with LoRA):
+                                  exporting needs no original model paths
     manifest.json                 every file above with its size and sha256; written last, after all ranks finished
 
 ``output_dir/checkpoints/latest`` names the newest complete checkpoint. A checkpoint is written under
@@ -15,13 +16,15 @@ a kill or a full disk while saving leaves the previous checkpoint and ``latest``
 (reference, reward) are not saved; they are the initial models, loaded again from the config's paths.
 
 ``export_model`` writes a live engine's model as an ordinary HF directory (safetensors + tokenizer);
-``export_checkpoint`` does the same offline from a checkpoint. Under ZeRO-3 the weights are consolidated
+``export_checkpoint`` does the same offline from a checkpoint, and can also write a LoRA run's adapter alone, in
+peft's format. A LoRA model is exported merged (``lora.merged``), so what loads it needs no peft. Under ZeRO-3 the weights are consolidated
 first (``zero_to_fp32.py --safe_serialization`` fails on Qwen2's tied embeddings; ``save_pretrained`` on a
 consolidated state dict does not).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -38,6 +41,7 @@ from rlhf_ds.config import ConfigError, PPOConfig
 from rlhf_ds.distributed import all_gather_objects, barrier, get_rank, get_world_size, is_main_process
 from rlhf_ds.errors import KnownError
 from rlhf_ds.files import atomic_write_text, describe_files, first_problem, replace_dir
+from rlhf_ds.lora import adapter_config, base_model, filled, has_adapters, merge, on_meta, saved_adapters
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -136,10 +140,13 @@ def _save(engines, trainer_state: dict, root: str, final: str, keep: int) -> str
         engine.save_checkpoint(os.path.join(tmp, role), tag=TAG, save_latest=False)
     torch.save(rng_state(), _rng_file(tmp, get_rank()))
     if is_main_process():
-        engines.actor.module.config.save_pretrained(os.path.join(tmp, "policy_meta"))
+        for meta, model in (("policy_meta", engines.actor.module),
+                            ("critic_meta", engines.critic.module.backbone if engines.critic else None)):
+            if model is not None:
+                model.config.save_pretrained(os.path.join(tmp, meta))
+            if model is not None and has_adapters(model):
+                adapter_config(model).save_pretrained(os.path.join(tmp, meta))
         engines.policy_tokenizer.save_pretrained(os.path.join(tmp, "policy_meta"))
-        if engines.critic is not None:
-            engines.critic.module.backbone.config.save_pretrained(os.path.join(tmp, "critic_meta"))
         _write_json(os.path.join(tmp, STATE_FILE), {**trainer_state, "world_size": get_world_size()})
     barrier()  # every file but the manifest is on disk: each rank hashes its share of them
     described = all_gather_objects(describe_files(tmp, part=(get_rank(), get_world_size())))
@@ -319,63 +326,112 @@ def _save_causal_lm(model, state: dict, tokenizer, out_dir: str, source: str) ->
 
 
 def export_model(engine, tokenizer, out_dir: str) -> None:
-    """Save ``engine``'s model (an HF ``PreTrainedModel``) and ``tokenizer`` to ``out_dir``. All ranks call it."""
-    params = list(engine.module.parameters())
+    """Save ``engine``'s model (an HF ``PreTrainedModel``, LoRA adapters merged into it) and ``tokenizer`` to
+    ``out_dir``. All ranks call it."""
+    module = engine.module
+    params = list(module.parameters())
     gathered = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
                 if engine.zero_optimization_partition_weights() else contextlib.nullcontext())
     with gathered:  # every rank takes part: under ZeRO-3 reading the full weights is a collective
-        state = {name: tensor.detach().cpu().clone() for name, tensor in engine.module.state_dict().items()}
+        state = {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
     if is_main_process():
-        _save_causal_lm(engine.module, state, tokenizer, out_dir, source="the training run")
+        model = module
+        if has_adapters(module):
+            base = base_model(module)
+            with torch.device("meta"):  # the class itself: from_config would partition under ZeRO-3 (a collective)
+                skeleton = type(base)(copy.deepcopy(base.config))
+            model = merge(filled(on_meta(skeleton, adapter_config(module)), state))
+            state = model.state_dict()
+        _save_causal_lm(model, state, tokenizer, out_dir, source="the training run")
     barrier()
 
 
 def consolidated_state_dict(path: str, role: str) -> dict:
-    """The full fp32 state dict of ``role`` ('actor' or 'critic') in checkpoint ``path``, any ZeRO stage."""
+    """The full fp32 state dict of ``role`` ('actor' or 'critic') in checkpoint ``path``, any ZeRO stage.
+
+    DeepSpeed consolidates the trained parameters from their fp32 master copies but returns frozen ones (a LoRA
+    model's base weights) in the dtype they trained in: those are cast here, so that merging adapters into them
+    happens in fp32."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     role_dir = os.path.join(path, role)
     if any(name.startswith("zero_pp_rank_") for name in os.listdir(os.path.join(role_dir, TAG))):
-        return get_fp32_state_dict_from_zero_checkpoint(role_dir, tag=TAG)
+        state = get_fp32_state_dict_from_zero_checkpoint(role_dir, tag=TAG)
+        return {name: tensor.float() for name, tensor in state.items()}
     # ZeRO-0 keeps the whole module in the model-states file.
     states = torch.load(os.path.join(role_dir, TAG, "mp_rank_00_model_states.pt"), weights_only=True,
                         map_location="cpu")
     return {name: tensor.float() for name, tensor in states["module"].items()}
 
 
-def export_checkpoint(path: str, out_dir: str, critic_out: Optional[str] = None, overwrite: bool = False) -> str:
-    """Write checkpoint ``path``'s actor (fp32 master weights) as an HF directory at ``out_dir`` and, when
-    ``critic_out`` is given, the critic (backbone + ``value_head.safetensors``) there. Single process, no
-    DeepSpeed engines; returns ``out_dir``. The checkpoint is verified (sizes and sha256) and the targets
-    checked (``check_export_target``) before anything is written."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+def export_checkpoint(path: str, out_dir: str, critic_out: Optional[str] = None, overwrite: bool = False,
+                      adapter_out: Optional[str] = None) -> str:
+    """Write checkpoint ``path``'s actor (fp32 master weights, LoRA adapters merged) as an HF directory at
+    ``out_dir``; when ``critic_out`` is given, the critic (backbone + ``value_head.safetensors``) there; when
+    ``adapter_out`` is given, a LoRA actor's adapter alone there, in peft's format (with the tokenizer). Single
+    process, no DeepSpeed engines; returns ``out_dir``. The checkpoint is verified (sizes and sha256) and the
+    targets checked (``check_export_target``) before anything is written."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
     from rlhf_ds.models import CriticModel, load_saved_tokenizer, save_critic
 
     verify_checkpoint(path)
+    meta = os.path.join(path, "policy_meta")
     if critic_out is not None and not os.path.isdir(os.path.join(path, "critic")):
         raise CheckpointError(f"checkpoint {path} has no critic (its advantage estimator trains none): export "
                               "the policy alone, without --critic")
-    for target in filter(None, (out_dir, critic_out)):
+    if adapter_out is not None and saved_adapters(meta) is None:
+        raise CheckpointError(f"checkpoint {path} trained no LoRA adapters (lora_rank 0): export the whole model, "
+                              "without --adapter")
+    for target in filter(None, (out_dir, critic_out, adapter_out)):
         check_export_target(target, path, overwrite)
-    meta = os.path.join(path, "policy_meta")
-    with torch.device("meta"):  # structure and config only: the weights written are the checkpoint's own
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(meta), dtype=torch.float32)
+    tokenizer = load_saved_tokenizer(meta, trust_remote_code=False)
+    model = _skeleton(AutoModelForCausalLM, meta)
     state = consolidated_state_dict(path, "actor")
     _check_full_state(model, state, path)
-    _save_causal_lm(model, state, load_saved_tokenizer(meta, trust_remote_code=False), out_dir, source=path)
+    if has_adapters(model):
+        filled(model, state)
+        if adapter_out is not None:
+            _save_adapter(model, tokenizer, adapter_out, source=path)
+        model = merge(model)
+        state = model.state_dict()
+    _save_causal_lm(model, state, tokenizer, out_dir, source=path)
     if critic_out is not None:
         with torch.device("meta"):
-            critic = CriticModel(AutoModel.from_config(AutoConfig.from_pretrained(os.path.join(path, "critic_meta")),
-                                                       dtype=torch.float32))
+            critic = CriticModel(_skeleton(AutoModel, os.path.join(path, "critic_meta")))
         critic_state = consolidated_state_dict(path, "critic")
         _check_full_state(critic, critic_state, path)
+        if has_adapters(critic.backbone):
+            critic = merge(filled(critic, critic_state))
+            critic_state = critic.state_dict()
         tmp = critic_out + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_critic(critic, tmp, critic_state)
         _mark_export(tmp, path)
         replace_dir(tmp, critic_out)
     return out_dir
+
+
+def _skeleton(auto_class, meta_dir: str) -> torch.nn.Module:
+    """The model saved in ``meta_dir`` (a checkpoint's policy_meta or critic_meta) on the meta device: structure and
+    config only, the weights written being the checkpoint's own; wrapped with its LoRA adapters when it had any."""
+    from transformers import AutoConfig
+
+    with torch.device("meta"):
+        model = auto_class.from_config(AutoConfig.from_pretrained(meta_dir), dtype=torch.float32)
+    adapters = saved_adapters(meta_dir)
+    return model if adapters is None else on_meta(model, adapters)
+
+
+def _save_adapter(model, tokenizer, out_dir: str, source: str) -> None:
+    """A peft model's adapter alone (peft's ``save_pretrained``: adapter_config.json naming the base model,
+    adapter_model.safetensors) and the tokenizer, atomically, marked as an export of ``source``."""
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    _mark_export(tmp, source)
+    replace_dir(tmp, out_dir)
 
 
 def _check_full_state(model: torch.nn.Module, state: dict, path: str) -> None:

@@ -29,6 +29,7 @@ ZERO3_GENERATION = ("auto", "gathered", "partitioned")
 REAL_POLICY = "Qwen/Qwen2-0.5B"
 REAL_REWARD = "OpenAssistant/reward-model-deberta-v3-large-v2"
 REAL_DATASET = "Anthropic/hh-rlhf"
+LORA_QWEN2_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class ConfigError(KnownError, ValueError):
@@ -112,6 +113,17 @@ class PPOConfig:
                                    "compare them: >= 2)")
     kl_in_loss: Optional[bool] = _doc(None, "the KL to the reference as a loss term (kl_coef * token mean of the "
                                       "KL) instead of in the reward; None = on for grpo, off otherwise")
+    # --- LoRA ------------------------------------------------------------------------------------------
+    lora_rank: int = _doc(0, "rank of LoRA adapters (peft) on the actor; 0 = full fine-tuning. With adapters the "
+                          "reference is the actor with its adapters off: no reference engine")
+    lora_alpha: float = _doc(16.0, "LoRA scaling numerator: the adapters' output is multiplied by lora_alpha / "
+                             "lora_rank")
+    lora_dropout: float = _doc(0.0, "dropout on the adapters' input in the update's forwards (the rollout's have "
+                               "none, so > 0 adds noise to PPO's ratio)")
+    lora_target_modules: list = _doc(list(LORA_QWEN2_MODULES), "module names that get adapters (default: "
+                                     "Qwen2's attention and MLP projections)")
+    lora_critic: bool = _doc(True, "with lora_rank > 0, adapters on the critic's backbone too (False: the critic "
+                             "trains in full); its value head always trains")
     # --- system ----------------------------------------------------------------------------------------
     zero_stage: int = _doc(2, "DeepSpeed ZeRO stage for actor and critic (0-3)")
     offload_optimizer: bool = _doc(False, "ZeRO CPU offload of optimizer states")
@@ -201,6 +213,12 @@ class PPOConfig:
         need(self.kl_coef_max is None or self.kl_coef_max > 0, "kl_coef_max", "use > 0 or null")
         if self.kl_coef_min is not None and self.kl_coef_max is not None:
             need(self.kl_coef_min <= self.kl_coef_max, "kl_coef_min", f"must be <= kl_coef_max={self.kl_coef_max}")
+        need(self.lora_rank >= 0, "lora_rank", "use a rank >= 1 for LoRA (e.g. 8), or 0 for full fine-tuning")
+        need(self.lora_alpha > 0, "lora_alpha", "use a positive scaling numerator, e.g. 16")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", "use a probability in [0, 1), e.g. 0.0")
+        need(len(self.lora_target_modules) > 0 and all(isinstance(name, str) and name
+                                                       for name in self.lora_target_modules),
+             "lora_target_modules", f"name the modules that get adapters, e.g. {list(LORA_QWEN2_MODULES)}")
         need(self.zero_stage in (0, 1, 2, 3), "zero_stage", "choose 0, 1, 2 or 3")
         need(not self.offload_params or self.zero_stage == 3, "offload_params", "parameter offload needs zero_stage=3")
         need(self.precision in PRECISIONS, "precision", f"choose one of {', '.join(PRECISIONS)}")

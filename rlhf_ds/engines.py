@@ -10,7 +10,9 @@ schedule is a linear warmup over ``warmup_steps``).
 
 Actor and critic are training engines; reference and reward are inference engines (no optimizer) that
 follow the actor's partitioning: ZeRO-3 when the actor is ZeRO-3 (with its parameter offload), else
-replicated (stage 0).
+replicated (stage 0). With LoRA (``lora_rank > 0``) the actor, and the critic's backbone unless ``lora_critic``
+is off, train adapters on frozen weights, and no reference engine is built: the reference is the actor with
+its adapters off (``lora.py``).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from rlhf_ds.config import ConfigError, PPOConfig
 from rlhf_ds.distributed import get_world_size, init_distributed
+from rlhf_ds.lora import add_adapters, has_adapters, lora_config
 from rlhf_ds.models import load_critic, load_policy, load_reward_model, load_reward_tokenizer, load_tokenizer
 
 DS_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
@@ -185,7 +188,7 @@ class Engines:
     """
     actor: deepspeed.DeepSpeedEngine
     critic: Optional[deepspeed.DeepSpeedEngine]  # None when the advantage estimator needs no critic
-    reference: deepspeed.DeepSpeedEngine
+    reference: Optional[deepspeed.DeepSpeedEngine]  # None with LoRA: the actor with its adapters off
     reward: deepspeed.DeepSpeedEngine
     policy_tokenizer: PreTrainedTokenizerBase
     reward_tokenizer: PreTrainedTokenizerBase
@@ -201,8 +204,8 @@ def build_engine(config: PPOConfig, role: str, path: str,
                  hf_ds_configs: list[HfDeepSpeedConfig]) -> deepspeed.DeepSpeedEngine:
     """One engine: ``role``'s model loaded from ``path`` and wrapped by DeepSpeed with ``build_ds_config``.
 
-    Training roles get the warmup schedule and, when configured, gradient checkpointing; inference roles are
-    frozen and in eval mode. Before loading, an ``HfDeepSpeedConfig`` of this engine's own config is made the
+    Training roles get their LoRA adapters (``lora.lora_config``), the warmup schedule and, when configured,
+    gradient checkpointing; inference roles are frozen and in eval mode. Before loading, an ``HfDeepSpeedConfig`` of this engine's own config is made the
     one transformers reads, so the model loads partitioned exactly when this engine is ZeRO-3, whatever was
     built before it in the process; it is appended to ``hf_ds_configs``, which must outlive the engine
     (transformers holds only a weak reference). Joins the process group if the caller has not.
@@ -215,6 +218,11 @@ def build_engine(config: PPOConfig, role: str, path: str,
         model = load_policy(path, dtype, trust) if role == "reference" else load_reward_model(path, dtype, trust)
         return _inference_engine(model, ds_config)
     model = load_policy(path, dtype, trust) if role == "actor" else load_critic(path, dtype, trust)
+    adapters = lora_config(config, role, base_path=path)
+    if adapters is not None and role == "actor":
+        model = add_adapters(model, adapters, config.seed)
+    elif adapters is not None:
+        model.backbone = add_adapters(model.backbone, adapters, config.seed)
     if config.gradient_checkpointing:
         transformer = model.backbone if role == "critic" else model
         transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -224,20 +232,24 @@ def build_engine(config: PPOConfig, role: str, path: str,
 
 
 def engine_roles(config: PPOConfig) -> tuple[str, ...]:
-    """The roles this run builds: all four, or without the critic when the advantage estimator needs none."""
-    return ROLES if config.needs_critic else tuple(role for role in ROLES if role != "critic")
+    """The roles this run builds: all four, without the critic when the advantage estimator needs none, without
+    the reference with LoRA (the actor with its adapters off is the reference)."""
+    absent = {"critic"} if not config.needs_critic else set()
+    absent |= {"reference"} if config.lora_rank > 0 else set()
+    return tuple(role for role in ROLES if role not in absent)
 
 
 def build_engines(config: PPOConfig, policy_path: str, critic_path: str, reward_path: str) -> Engines:
     """The engines of ``engine_roles`` (``build_engine``) and the two tokenizers.
 
     policy_path serves actor and reference; paths are local directories or hub names ("embedded" is
-    resolved by the caller). Without a critic, ``Engines.critic`` is None and critic_path is not read.
+    resolved by the caller). Without a critic, ``Engines.critic`` is None and critic_path is not read; with LoRA,
+    ``Engines.reference`` is None.
     """
     hf_ds_configs: list[HfDeepSpeedConfig] = []
     paths = {"actor": policy_path, "critic": critic_path, "reference": policy_path, "reward": reward_path}
-    engines = {"critic": None, **{role: build_engine(config, role, paths[role], hf_ds_configs)
-                                  for role in engine_roles(config)}}
+    engines = {"critic": None, "reference": None, **{role: build_engine(config, role, paths[role], hf_ds_configs)
+                                                     for role in engine_roles(config)}}
     trust = config.trust_remote_code
     return Engines(**engines, policy_tokenizer=load_tokenizer(policy_path, trust),
                    reward_tokenizer=load_reward_tokenizer(reward_path, trust), hf_ds_configs=hf_ds_configs)
@@ -252,16 +264,22 @@ def _inference_engine(model: torch.nn.Module, ds_config: dict) -> deepspeed.Deep
 
 
 def describe_placement(engines: Engines) -> str:
-    """Where each engine lives on this rank: ZeRO stage, device, dtype, parameters, trained or frozen."""
+    """Where each engine lives on this rank: ZeRO stage, device, dtype, parameters, trained or frozen (and how many
+    of them train, with LoRA adapters)."""
+    absent = {"critic": "none: the advantage estimator needs no critic",
+              "reference": "none: the actor with its LoRA adapters off (no engine, no copy of the weights)"}
     lines = []
     for role in ROLES:
         engine = getattr(engines, role)
         if engine is None:
-            lines.append(f"  {role:<9} none: the advantage estimator needs no critic")
+            lines.append(f"  {role:<9} {absent[role]}")
             continue
         params = list(engine.module.parameters())
         count = sum(getattr(p, "ds_numel", p.numel()) for p in params)
-        trained = any(p.requires_grad for p in params)
+        trained = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
+        state = "frozen (inference only)" if not trained else "trained"
+        if has_adapters(engine.module.backbone if role == "critic" else engine.module):
+            state = f"LoRA: {trained / 1e6:.2f}M trained"
         lines.append(f"  {role:<9} ZeRO-{engine.zero_optimization_stage()}  {engine.device}  {params[0].dtype}  "
-                     f"{count / 1e6:.2f}M params  {'trained' if trained else 'frozen (inference only)'}")
+                     f"{count / 1e6:.2f}M params  {state}")
     return "\n".join(lines)

@@ -28,6 +28,7 @@ from rlhf_ds.corpus import about_subject
 from rlhf_ds.data import PromptCollator, looks_like_path, load_prompts
 from rlhf_ds.errors import KnownError
 from rlhf_ds.experience import response_logits
+from rlhf_ds.lora import ADAPTER_CONFIG_FILE
 from rlhf_ds.models import load_policy, load_reward_model, load_reward_tokenizer, load_tokenizer
 from rlhf_ds.ppo import kl_penalty, logprobs_from_logits
 from rlhf_ds.reward import decode_rollout, resolve_reward_max_len, score_pairs
@@ -57,9 +58,11 @@ def check_model_path(path: str, what: str) -> None:
     """
     local = os.path.expanduser(path)
     if os.path.isdir(local):
-        if not (os.path.isfile(os.path.join(local, "config.json")) or is_checkpoint_dir(local)):
-            raise EvaluationError(f"{what} {path}: not a Hugging Face model directory (no config.json) nor a "
-                                  f"training checkpoint (no {CHECKPOINT_MARKER}); point it at e.g. runs/ppo/policy")
+        if not any(os.path.isfile(os.path.join(local, name))
+                   for name in ("config.json", ADAPTER_CONFIG_FILE, CHECKPOINT_MARKER)):
+            raise EvaluationError(f"{what} {path}: not a Hugging Face model directory (no config.json), a LoRA "
+                                  f"adapter (no {ADAPTER_CONFIG_FILE}) nor a training checkpoint (no "
+                                  f"{CHECKPOINT_MARKER}); point it at e.g. runs/ppo/policy")
     elif os.path.exists(local):
         raise EvaluationError(f"{what} {path}: is a file; point it at a model directory such as runs/ppo/policy")
     elif looks_like_path(path) or not path.strip():

@@ -13,11 +13,12 @@ from typing import Optional
 
 import torch
 
-from rlhf_ds.zero3 import gathered, torch_linear
+from rlhf_ds.lora import adapters_disabled, base_model
 from rlhf_ds.models import position_ids_from_mask
 from rlhf_ds.ppo import logprobs_from_logits
 from rlhf_ds.reward import decode_rollout, score_pairs
 from rlhf_ds.sampling import Sampling
+from rlhf_ds.zero3 import gathered, torch_linear
 
 
 @dataclass
@@ -80,7 +81,7 @@ def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor
     sequences, attention_mask, prompt_len = _drop_shared_left_padding(sequences, attention_mask, prompt_len)
     length = sequences.shape[1]
     keep = ({"logits_to_keep": torch.arange(length - response_len - 1, length, device=sequences.device)}
-            if _takes_logits_to_keep(type(getattr(model, "module", model))) else {})
+            if _takes_logits_to_keep(type(base_model(model))) else {})
     logits = model(input_ids=sequences, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), use_cache=False, **keep).logits
     logits = logits[:, logits.shape[1] - response_len - 1:-1]
@@ -96,7 +97,8 @@ def response_values(critic, sequences: torch.Tensor, attention_mask: torch.Tenso
 class ExperienceMaker:
     """Fills an ``Experience`` with one batched forward per model per micro-batch (no grad).
 
-    ``critic`` is None when the advantage estimator needs no values (``Experience.values`` is then None).
+    ``critic`` is None when the advantage estimator needs no values (``Experience.values`` is then None);
+    ``reference`` is None with LoRA, whose reference log-probs are the actor's with its adapters off.
     The reward model reads text: the rollout is decoded with the policy tokenizer and re-tokenised with the
     reward model's own tokenizer as a (question, answer) pair, the answer without its stop string.
     Log-probs are those of the sampling distribution: the logits divided by ``sampling.temperature``.
@@ -140,14 +142,21 @@ class ExperienceMaker:
             out[torch.cat([torch.as_tensor(b, device=out.device) for b in buckets])] = torch.cat(chunks)
             return out
 
+        def logprobs_of(model) -> torch.Tensor:
+            return in_row_order([logprobs_from_logits(
+                response_logits(model, sequences[b], attention_mask[b], prompt_len, self.sampling.temperature),
+                labels[b]) for b in by_prompt], by_prompt)
+
         parts = {}
         with torch_linear():
-            for name, model in (("old_logprobs", self.actor), ("ref_logprobs", self.reference)):
-                with gathered(model):
-                    parts[name] = in_row_order([logprobs_from_logits(
-                        response_logits(model, sequences[b], attention_mask[b], prompt_len,
-                                        self.sampling.temperature),
-                        labels[b]) for b in by_prompt], by_prompt)
+            with gathered(self.actor):
+                parts["old_logprobs"] = logprobs_of(self.actor)
+                if self.reference is None:  # LoRA: the initial policy is the actor without its adapters
+                    with adapters_disabled(self.actor):
+                        parts["ref_logprobs"] = logprobs_of(self.actor)
+            if self.reference is not None:
+                with gathered(self.reference):
+                    parts["ref_logprobs"] = logprobs_of(self.reference)
             parts["values"] = None
             if self.critic is not None:
                 with gathered(self.critic):

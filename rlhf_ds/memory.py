@@ -5,22 +5,24 @@ any model loads.
 
 Every rank holds the four engines (``engines.py``) and goes through three phases per iteration
 (``trainer.PPOTrainer.step``). A phase's peak is the *resident* bytes, which live through every phase, plus the
-largest *working* set of that phase. With N a model's parameters, W ranks, b bytes per element of the run's
-precision (4 fp32, 2 bf16/fp16), and the DeepSpeed config each engine gets (``engines.build_ds_config``):
+largest *working* set of that phase. With N a model's parameters (with LoRA: base weights and adapters), N_t those
+that train (all of them, or with LoRA the adapters and the critic's value head), W ranks, b bytes per element of
+the run's precision (4 fp32, 2 bf16/fp16), and the DeepSpeed config each engine gets (``engines.build_ds_config``):
 
 Resident, per engine
     parameters       N b; under ZeRO-3 N b / W, except tensors under ``stage3_param_persistence_threshold``
                      elements, which every rank keeps whole
-    master weights   4 N / W: DeepSpeed's fp32 copy of the rank's partition, made in fp32 runs too (ZeRO-3
+    master weights   4 N_t / W: DeepSpeed's fp32 copy of the rank's partition, made in fp32 runs too (ZeRO-3
                      skips it when the partition is fp32 on the optimizer's own device; on the CPU
                      accelerator it copies: counted everywhere)                                 trained engines
-    Adam moments     8 N / W (exp_avg, exp_avg_sq in fp32)                                      trained engines
-    gradient buffers ZeRO-3: the gradient partition N b / W and the reduce bucket (``reduce_bucket_size`` b),
+    Adam moments     8 N_t / W (exp_avg, exp_avg_sq in fp32)                                    trained engines
+    gradient buffers ZeRO-3: the gradient partition N_t b / W and the reduce bucket (``reduce_bucket_size`` b),
                      both kept between steps                                                    trained engines
     ``offload_optimizer`` moves master weights and moments to host memory, ``offload_params`` ZeRO-3's
     parameter partitions: they leave the device's table (and are shown as host bytes).
 
-Without a critic (``advantage_estimator`` other than gae) the critic's states and activations are absent.
+Without a critic (``advantage_estimator`` other than gae) the critic's states and activations are absent; with
+LoRA the reference engine is (the actor with its adapters off is the reference).
 
 Working sets (B = rollout_batch_size x samples_per_prompt, m = mini_batch_size, P = max_prompt_len, R = max_new_tokens,
 T = P + R, Q = reward_max_len, V = vocabulary, h = hidden, i = intermediate, kv = kv heads x head dim)
@@ -71,11 +73,13 @@ class PlanError(KnownError, ValueError):
 @dataclass(frozen=True)
 class ModelShape:
     """What the planner needs of one model: its transformers config (dimensions), its role ("policy", "critic":
-    backbone plus a hidden -> 1 value head, "reward": a sequence classifier) and the element count of each
-    parameter tensor (tied ones once)."""
+    backbone plus a hidden -> 1 value head, "reward": a sequence classifier), the element count of each
+    parameter tensor (tied ones once, LoRA adapters included) and of each one that trains (all of them, or the
+    adapters and the critic's value head with LoRA)."""
     config: object
     role: str
     param_numels: tuple[int, ...]
+    trainable_numels: tuple[int, ...]
 
     @property
     def params(self) -> int:
@@ -84,6 +88,15 @@ class ModelShape:
     @property
     def largest(self) -> int:
         return max(self.param_numels)
+
+    @property
+    def trainable(self) -> int:
+        """Elements with gradients, master weights and Adam moments."""
+        return sum(self.trainable_numels)
+
+    @property
+    def largest_trainable(self) -> int:
+        return max(self.trainable_numels)
 
     @property
     def layers(self) -> int:
@@ -113,9 +126,12 @@ class ModelShape:
         return self.config.vocab_size
 
 
-def model_shape(hf_config, role: str) -> ModelShape:
-    """The ``ModelShape`` of a transformers config in ``role``, counted on the meta device: no weights load."""
+def model_shape(hf_config, role: str, adapters=None) -> ModelShape:
+    """The ``ModelShape`` of a transformers config in ``role``, counted on the meta device: no weights load.
+    ``adapters``: the model's ``peft.LoraConfig`` (``lora.lora_config``), or None when it trains in full."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhf_ds.lora import on_meta
 
     model_class = {"policy": AutoModelForCausalLM, "critic": AutoModel,
                    "reward": AutoModelForSequenceClassification}[role]
@@ -126,10 +142,13 @@ def model_shape(hf_config, role: str) -> ModelShape:
                         "memory planner knows decoder and encoder transformers that name their sizes that way")
     with torch.device("meta"):
         model = model_class.from_config(hf_config)
+    if adapters is not None:
+        model = on_meta(model, adapters)
     numels = tuple(p.numel() for p in model.parameters())
+    trainable = tuple(p.numel() for p in model.parameters() if p.requires_grad)
     if role == "critic":
-        numels += (hf_config.hidden_size, 1)
-    return ModelShape(config=hf_config, role=role, param_numels=numels)
+        numels, trainable = numels + (hf_config.hidden_size, 1), trainable + (hf_config.hidden_size, 1)
+    return ModelShape(config=hf_config, role=role, param_numels=numels, trainable_numels=trainable)
 
 
 def parse_bytes(text: str) -> int:
@@ -168,8 +187,9 @@ class Setup:
     @property
     def roles(self) -> tuple[str, ...]:
         """The engines this run builds (``engines.engine_roles``)."""
-        return tuple(role for role in ("actor", "critic", "reference", "reward")
-                     if role != "critic" or self.critic is not None)
+        from rlhf_ds.engines import engine_roles
+
+        return engine_roles(self.config)
 
     def shape(self, role: str) -> ModelShape:
         return {"actor": self.policy, "reference": self.policy, "critic": self.critic, "reward": self.reward}[role]
@@ -188,7 +208,7 @@ def engine_states(setup: Setup, role: str) -> dict[str, int]:
     """Resident bytes of one engine on one rank, by component (see the module docstring); components that
     offloading moves to host memory are named "... (host)"."""
     shape, zero, W, b = setup.shape(role), setup.zero(role), setup.world_size, setup.b
-    stage, n = zero.get("stage", 0), shape.params
+    stage, n = zero.get("stage", 0), shape.trainable
     offload_params = "offload_param" in zero
     states = {f"{role} parameters" + (" (host)" if offload_params else ""): partition_bytes(shape, zero, W, b)}
     if role not in ("actor", "critic"):
@@ -282,12 +302,12 @@ def gradient_bytes(setup: Setup, role: str) -> dict[str, int]:
     and, unless the run is fp32, the float32 copy of the gradient partition at the step. ZeRO-0: the full
     gradients (N b)."""
     shape, zero, W, b = setup.shape(role), setup.zero(role), setup.world_size, setup.b
-    stage, n = zero.get("stage", 0), shape.params
-    largest = {f"{role} largest gradient": shape.largest * b}
+    stage, n = zero.get("stage", 0), shape.trainable
+    largest = {f"{role} largest gradient": shape.largest_trainable * b}
     if stage == 0:
         return {f"{role} gradients": n * b}
     if stage == 3:
-        live = min(zero.get("stage3_max_live_parameters", 10**9), n - shape.largest)
+        live = min(zero.get("stage3_max_live_parameters", 10**9), shape.params - shape.largest)
         return {**largest, f"{role} gathered parameters": (2 * shape.largest + live) * b,
                 f"{role} float32 gradient partition": 4 * n // W if b != 4 else 0}
     bucket = zero.get("reduce_bucket_size", 5 * 10**8)
@@ -427,13 +447,14 @@ def make_setup(config: PPOConfig, world_size: int, device_type: str) -> Setup:
     from rlhf_ds.catalog import model_configs
     from rlhf_ds.device_memory import resident_bytes
     from rlhf_ds.engines import ROLES, build_ds_config
+    from rlhf_ds.lora import lora_config
 
     policy, critic, reward = model_configs(config)
     precision = config.precision if config.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
     limit = getattr(reward, "max_position_embeddings", None)
     reward_max_len = min(config.reward_max_len or limit, limit or config.reward_max_len or 512)
-    return Setup(config=config, policy=model_shape(policy, "policy"),
-                 critic=model_shape(critic, "critic") if config.needs_critic else None,
+    return Setup(config=config, policy=model_shape(policy, "policy", lora_config(config, "actor")),
+                 critic=model_shape(critic, "critic", lora_config(config, "critic")) if config.needs_critic else None,
                  reward=model_shape(reward, "reward"), world_size=world_size,
                  dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
                  ds_configs={role: build_ds_config(config, role, world_size) for role in ROLES},
@@ -444,13 +465,16 @@ def make_setup(config: PPOConfig, world_size: int, device_type: str) -> Setup:
 def model_states_comparison(setup: Setup) -> str:
     """The actor's and critic's model states as planned (resident states plus the gradients of their step)
     next to DeepSpeed's own estimator for their ZeRO stage (``estimate_zero2_model_states_mem_needs``, stage 3's
-    with the largest tensor as its largest layer), per device, all ranks on one node; empty below ZeRO-2."""
+    with the largest tensor as its largest layer), per device, all ranks on one node; empty below ZeRO-2, a note
+    with LoRA."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     stage = setup.config.zero_stage
     if stage < 2:
         return ""
+    if setup.config.lora_rank:
+        return "model states: DeepSpeed's estimators count every parameter as trained, LoRA's are mostly frozen"
     lines = [f"model states per device, this plan vs DeepSpeed's ZeRO-{stage} estimator (GiB):"]
     for role in (role for role in ("actor", "critic") if role in setup.roles):
         shape, zero = setup.shape(role), setup.zero(role)

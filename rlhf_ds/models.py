@@ -151,7 +151,8 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 
 def load_policy(path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
     """Actor or reference: a causal LM, dropout off. KV cache off for training forwards (generation turns it
-    back on)."""
+    back on). A LoRA adapter directory (peft's format, ``launch/export.py --adapter``) loads onto the base model
+    its adapter_config.json names, through transformers' own peft integration."""
     model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                        use_safetensors=True, output_loading_info=True)
     _refuse_missing_weights(info, path, "policy_model")

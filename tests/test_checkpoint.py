@@ -5,6 +5,7 @@ Every 2-rank run goes through launch/train.py (tests/dist/run_cli.py adds sample
 with the same small configuration, and is compared with one straight run of it: metrics at every iteration,
 the hash of every rollout's sampled tokens on every rank, and the final policy weights.
 """
+import copy
 import json
 import random
 import re
@@ -15,11 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
 
 from rlhf_ds.checkpoint import (CheckpointError, check_resume_config, checkpoint_name,
                                 find_checkpoint, rng_state, set_rng_state, verify_checkpoint)
 from rlhf_ds.config import ConfigError, PPOConfig
+from rlhf_ds.embedded import build
+from rlhf_ds.evaluation import load_models
 import forked
 from test_distributed import LAUNCH_TIMEOUT_S, RANKS, REPO, launch_script, prepare_training_runs
 
@@ -115,29 +119,55 @@ def test_sigkill_mid_run_then_during_save_keeps_the_last_checkpoint_and_resume_i
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [checkpoint_name(4), "latest"]
 
 
-def test_a_critic_free_run_builds_no_critic_and_resumes_bitwise(tmp_path, capsys):
-    """GRPO on 2 ranks under ZeRO-3 in bf16 (2 samples per prompt, the KL as a loss term; the real run's stage
-    and precision, whose resume the CI rehearsal leaves to this test): no critic is built, checkpointed or
-    exportable, and continuing from its iteration-2 checkpoint (in a new output directory) gives the straight
-    run's iterations 2 and 3 bit for bit: metrics, every rank's sampled tokens, final weights."""
-    grpo = ["--advantage_estimator", "grpo", "--samples_per_prompt", "2", "--zero_stage", "3",
-            "--precision", "bf16"]
-    straight_dir, resumed = tmp_path / "straight", tmp_path / "resumed"
-    rc, out = run(straight_dir, "none", *grpo)
+def test_a_critic_free_lora_run_resumes_bitwise_after_sigkill_and_exports_merged_or_adapter_alone(tmp_path, capsys):
+    """GRPO (no critic; 2 samples per prompt, the KL as a loss term) with LoRA adapters on the actor (no reference
+    engine: the actor with its adapters off) on 2 ranks under ZeRO-3 in bf16, the real run's stage and precision
+    (adapters and frozen base partitioned), whose resume the CI rehearsal leaves to this test. No critic is built,
+    checkpointed or exportable; SIGKILLed during iteration 3 and resumed, the run gives the straight run's metrics,
+    every rank's sampled tokens and final weights bit for bit. From its checkpoint, export writes the merged policy
+    (an ordinary model) and the adapter alone, which evaluation loads onto its base model: on the run's own base
+    weights (the initial ones rounded to bf16) to the merged policy's logits, and the adapters did train."""
+    grpo_lora = ["--advantage_estimator", "grpo", "--samples_per_prompt", "2", "--lora_rank", "4",
+                 "--zero_stage", "3", "--precision", "bf16"]
+    straight_dir, killed = tmp_path / "straight", tmp_path / "killed"
+    rc, out = run(straight_dir, "none", *grpo_lora)
     assert rc == 0, out[-6000:]
     assert "critic    none: the advantage estimator needs no critic" in out
-    checkpoint = straight_dir / "checkpoints" / checkpoint_name(2)
+    assert "reference none: the actor with its LoRA adapters off" in out
+    assert re.search(r"actor +ZeRO-3 .* LoRA: [0-9.]+M trained", out)
+    checkpoint = straight_dir / "checkpoints" / checkpoint_name(ITERATIONS)
     assert {p.name for p in checkpoint.iterdir()} == {"actor", "policy_meta", "rng", "trainer_state.json",
                                                       "manifest.json"}
-    rc, out = run(resumed, "none", *grpo, "--resume", str(checkpoint))
-    assert rc == 0 and f"resumed from {checkpoint} at iteration 2" in out, out[-6000:]
-    assert metrics(resumed) == metrics(straight_dir)[2:]
-    assert samples(resumed).items() <= samples(straight_dir).items() and len(samples(resumed)) == RANKS * 2
-    final, expected = (load_file(d / "policy" / "model.safetensors") for d in (resumed, straight_dir))
-    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    job = start(killed, "none", *grpo_lora)
+    wait_for_lines(killed / "metrics.jsonl", 3, job)
+    job.kill()
+    assert job.wait(timeout=60).returncode == -9
+    rc, out = run(killed, "none", *grpo_lora, "--resume", "auto")
+    assert rc == 0 and f"resumed from {killed / 'checkpoints' / checkpoint_name(2)} at iteration 2" in out, out[-6000:]
+    assert_same_run(killed, straight_dir)
+
     capsys.readouterr()
     assert launch_script("export").main([str(checkpoint), str(tmp_path / "p"), "--critic", str(tmp_path / "c")]) == 2
     assert "has no critic" in capsys.readouterr().err and not (tmp_path / "p").exists()
+    policy, adapter = tmp_path / "policy", tmp_path / "adapter"
+    assert launch_script("export").main([str(checkpoint), str(policy), "--adapter", str(adapter)]) == 0, \
+        capsys.readouterr().err
+    assert not any("lora" in name or "base_layer" in name for name in load_file(policy / "model.safetensors"))
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    embedded = build()
+    models = {name: load_models(str(path), embedded.policy, embedded.reward, torch.device("cpu"))["policy"]
+              for name, path in (("adapter", adapter), ("merged", policy), ("base", embedded.policy))}
+    # the run's frozen base weights are the initial ones rounded to bf16: the adapter on such a base is exact
+    models["rounded base"] = copy.deepcopy(models["base"])
+    for param in models["rounded base"].parameters():  # not the buffers (RoPE's inverse frequencies stay fp32)
+        param.data = param.data.bfloat16().float()
+    models["adapter on rounded base"] = PeftModel.from_pretrained(copy.deepcopy(models["rounded base"]), adapter)
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = {name: model(input_ids=ids).logits for name, model in models.items()}
+    torch.testing.assert_close(logits["adapter on rounded base"], logits["merged"], rtol=0, atol=1e-4)
+    assert (logits["adapter on rounded base"] - logits["rounded base"]).abs().max() > 1e-3  # the adapters trained
+    torch.testing.assert_close(logits["adapter"], logits["merged"], rtol=0, atol=0.2)  # bf16's rounding apart
 
 
 def test_full_disk_during_save_is_an_error_and_keeps_previous_checkpoint(tmp_path):

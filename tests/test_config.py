@@ -88,6 +88,11 @@ def test_int_accepted_for_float_field():
     ({"advantage_estimator": "grpo"}, "samples_per_prompt=1 is invalid: grpo compares the responses"),
     ({"advantage_estimator": "rloo", "samples_per_prompt": 1}, "use samples_per_prompt >= 2"),
     ({"samples_per_prompt": 0}, "samples_per_prompt=0"),
+    ({"lora_rank": -1}, "lora_rank=-1 is invalid: use a rank >= 1 for LoRA"),
+    ({"lora_alpha": 0.0}, "lora_alpha=0.0"),
+    ({"lora_dropout": 1.0}, "lora_dropout=1.0 is invalid: use a probability in [0, 1)"),
+    ({"lora_target_modules": []}, "lora_target_modules=[] is invalid: name the modules"),
+    ({"lora_target_modules": ["q_proj", ""]}, "lora_target_modules=['q_proj', '']"),
     ({"rollout_batch_size": 4, "samples_per_prompt": 3, "mini_batch_size": 8}, "rollout_batch_size x "
      "samples_per_prompt (the sequences per rank) must be divisible by mini_batch_size=8"),
 ])

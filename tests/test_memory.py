@@ -17,12 +17,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
 
 
-def shape(numels, role="policy", **dims):
+def shape(numels, role="policy", trainable=None, **dims):
     config = dataclasses.make_dataclass("Dims", [])()
     for key, value in dict(num_hidden_layers=2, hidden_size=8, intermediate_size=16, num_attention_heads=2,
                            num_key_value_heads=1, vocab_size=100, **dims).items():
         setattr(config, key, value)
-    return ModelShape(config=config, role=role, param_numels=tuple(numels))
+    return ModelShape(config=config, role=role, param_numels=tuple(numels),
+                      trainable_numels=tuple(numels if trainable is None else trainable))
 
 
 def setup(stage, dtype, world_size=2, touched=False, **zero):
@@ -159,3 +160,22 @@ def test_a_critic_free_estimator_plans_no_critic_and_more_generation_rows():
     # four samples per prompt: generation holds four times the rows of the same rollout_batch_size
     kv = "KV cache, prefill, sampling"
     assert without.working["generation"][kv] > 3 * with_critic.working["generation"][kv]
+
+
+def test_lora_states_by_hand_and_no_reference():
+    """With LoRA the optimizer's states and the gradients cover the trained elements only (adapters, the critic's
+    value head), the parameters all of them, and there is no reference engine. Counted on the meta device:
+    r x (in + out) per adapted linear layer of the embedded policy."""
+    config = PPOConfig(lora_rank=4, lora_target_modules=["q_proj", "down_proj"]).validate()
+    full, lora = (memory.make_setup(c, world_size=2, device_type="cuda") for c in (PPOConfig().validate(), config))
+    hidden, intermediate = full.policy.hidden, full.policy.intermediate
+    adapters = full.policy.layers * 4 * ((hidden + hidden) + (intermediate + hidden))
+    assert lora.policy.params == full.policy.params + adapters and lora.policy.trainable == adapters
+    assert lora.critic.trainable == adapters + hidden + 1  # the value head trains in full
+    assert lora.roles == ("actor", "critic", "reward")
+    states = engine_states(lora, "actor")
+    assert states["actor master weights"] == 4 * adapters // 2 and states["actor Adam moments"] == 8 * adapters // 2
+    assert states["actor parameters"] == lora.policy.params * 2  # bf16 (a GPU's default), ZeRO-2: whole
+    assert not any(name.startswith("reference") for name in plan(lora).resident)
+    untouched = memory.make_setup(dataclasses.replace(config, lora_critic=False), world_size=2, device_type="cuda")
+    assert untouched.critic.trainable == untouched.critic.params == full.critic.params

@@ -9,16 +9,17 @@ test_learning.py; test_distributed.py keeps ZeRO-2 engines' ranks identical.
 """
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rlhf_ds.embedded import build
-from rlhf_ds.models import load_reward_model, load_reward_tokenizer, load_tokenizer
 from rlhf_ds.experience import ExperienceMaker
-from rlhf_ds.models import CriticModel
+from rlhf_ds.models import CriticModel, load_critic, load_reward_model, load_reward_tokenizer, load_tokenizer
 from rlhf_ds.sampling import Sampling
 import forked
 from test_distributed import launch, launch_script
@@ -34,10 +35,11 @@ def embedded():
     return build()  # in this process, before the ranks start, so they find it cached
 
 
-# PPO-GAE under ZeRO-3 and GRPO (no critic, 2 samples per prompt, the KL as a loss term) under ZeRO-2, the
-# default (test_checkpoint.py resumes PPO-GAE under ZeRO-2 and GRPO under ZeRO-3 in bf16 bit for bit)
+# PPO-GAE under ZeRO-3, and GRPO (no critic, 2 samples per prompt, the KL as a loss term) with LoRA adapters (no
+# reference engine) under ZeRO-2, the default (test_checkpoint.py resumes PPO-GAE under ZeRO-2, GRPO under ZeRO-3
+# in bf16 and PPO-GAE with LoRA under ZeRO-3 bit for bit)
 RUNS = {"zero3": ["--zero_stage", "3"],
-        "grpo": ["--advantage_estimator", "grpo", "--samples_per_prompt", "2"]}
+        "grpo_lora": ["--advantage_estimator", "grpo", "--samples_per_prompt", "2", "--lora_rank", "4"]}
 
 
 @pytest.fixture(scope="module", params=list(RUNS))
@@ -92,7 +94,8 @@ def test_group_samples_share_their_prompt_and_rank(two_rank_run):
 def test_reference_logprobs_are_the_initial_policy_and_old_ones_the_actor(two_rank_run, embedded):
     """ref_logprobs recomputed by a plain forward of the initial policy, loaded separately; old_logprobs equal
     them at iteration 0 (the actor is the initial policy) and differ once the actor has trained, so swapping the
-    two fields (or scoring with the wrong model) fails here."""
+    two fields (or scoring with the wrong model) fails here. With LoRA the reference is the actor with its
+    adapters off (no reference engine): a switch that did not switch them off fails the same way."""
     model = AutoModelForCausalLM.from_pretrained(embedded.policy).eval()
     for result in two_rank_run:
         for iteration, rollout in enumerate(result["rollouts"]):
@@ -115,13 +118,19 @@ def test_reference_logprobs_are_the_initial_policy_and_old_ones_the_actor(two_ra
 
 
 def test_actor_identical_on_both_ranks_and_frozen_models_unchanged(two_rank_run):
+    """The frozen weights are the reference and reward engines', or with LoRA the reward engine's and the actor's
+    base weights (only the adapters train), and no reference engine exists."""
     rank0, rank1 = two_rank_run
     assert rank0["actor"] == rank1["actor"]
+    lora = rank0["config"]["lora_rank"] > 0
     for result in two_rank_run:
-        assert result["frozen_unchanged"] == {"reference": True, "reward": True}
+        assert result["frozen_unchanged"] == {"actor base" if lora else "reference": True, "reward": True}
+        assert result["reference_engine"] == (not lora)
 
 
 def test_exported_policy_weights_match_the_trained_engine(two_rank_run):
+    """Every trained weight is in the export; with LoRA the export is merged (tests/dist/run_trainer.py merges by
+    hand: W + alpha / r * B @ A), an ordinary model."""
     assert two_rank_run[0]["export_max_abs_diff"] < 1e-5
 
 
@@ -253,3 +262,22 @@ def test_rloo_and_reinforce_pp_train_through_train_py(estimator, samples, limit,
     assert (run / "policy" / "model.safetensors").is_file()
     last = run / "checkpoints" / f"iter_{iterations:07d}"
     assert (run / "checkpoints" / "latest").read_text() == last.name and not (last / "critic").exists()
+
+
+def test_a_lora_critic_trains_and_exports_merged(embedded, tmp_path, capsys):
+    """PPO-GAE with LoRA on actor and critic backbone through `python launch/train.py` (the 2-rank LoRA runs are
+    critic-free): both engines train adapters only (the value head in full), no reference engine is built, and
+    the exported critic is an ordinary backbone with a trained value head."""
+    run = tmp_path / "run"
+    proc = forked.run(TRAIN, ["--lora_rank", "4", "--iterations", "2", "--rollout_batch_size", "2",
+                              "--mini_batch_size", "2", "--max_new_tokens", "8", "--output_dir", str(run)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"critic +ZeRO-2 .* LoRA: 0\.0[0-9]M trained", proc.stdout), proc.stdout[-3000:]
+    assert "reference none: the actor with its LoRA adapters off" in proc.stdout
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(m["value_loss"]) for m in logged)
+    capsys.readouterr()
+    critic = tmp_path / "critic"
+    assert launch_script("export").main([str(run), str(tmp_path / "policy"), "--critic", str(critic)]) == 0
+    assert not any("lora" in name or "base_layer" in name for name in load_file(critic / "model.safetensors"))
+    assert load_critic(str(critic), torch.float32).value_head.weight.abs().sum() > 0

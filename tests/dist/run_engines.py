@@ -34,14 +34,17 @@ MAX_NEW_TOKENS = 12
 GENERATION_SEED = 1234
 
 
-def digest(engine) -> str:
-    """SHA-256 of all parameters, gathered first under ZeRO-3 (each rank holds only shards)."""
+def digest(engine, frozen_only: bool = False) -> str:
+    """SHA-256 of all parameters (only those without grad with ``frozen_only``: a LoRA model's base weights),
+    gathered first under ZeRO-3 (each rank holds only shards)."""
     params = list(engine.module.parameters())
     gathered = (deepspeed.zero.GatheredParameters(params) if engine.zero_optimization_partition_weights()
                 else contextlib.nullcontext())
     sha = hashlib.sha256()
     with gathered:
         for name, param in engine.module.named_parameters():
+            if frozen_only and param.requires_grad:
+                continue
             sha.update(name.encode())
             sha.update(param.detach().float().cpu().numpy().tobytes())
     return sha.hexdigest()

@@ -2,8 +2,10 @@
 
 Runs PPO iterations exactly as launch/train.py does (same config parsing, engines and trainer) and writes per
 rank: every iteration's metrics, each rollout's tokens, masks, scores and log-probs (to recompute the global
-statistics and the reference log-probs independently), digests of the actor (gathered), reference and reward
-parameters, and how far the exported policy's logits are from the trained engine's.
+statistics and the reference log-probs independently), digests of the actor (gathered), of the frozen weights
+(reference and reward; with LoRA the actor's base weights, there being no reference), and how far the exported
+policy's weights are from the trained engine's (with LoRA: from the base weights plus scaling * B @ A, merged by
+hand here).
 """
 import json
 import os
@@ -25,13 +27,31 @@ from rlhf_ds.trainer import PPOTrainer
 from run_engines import digest
 
 
+def merged_by_hand(params: dict, scaling: float) -> dict:
+    """peft-named parameters -> the plain model's: W + scaling * B @ A for each adapted linear layer."""
+    plain = {}
+    for name, tensor in params.items():
+        name = name.removeprefix("base_model.model.")
+        if ".lora_A." in name:
+            layer = name.split(".lora_A.")[0]
+            b = params["base_model.model." + name.replace(".lora_A.", ".lora_B.")]
+            plain[f"{layer}.weight"] = plain.get(f"{layer}.weight", 0) + scaling * b @ tensor
+        elif ".lora_B." not in name:
+            key = name.replace(".base_layer.", ".")
+            plain[key] = plain.get(key, 0) + tensor
+    return plain
+
+
 def main() -> None:
     out, config = sys.argv[1], PPOConfig.from_args(sys.argv[2:])
     init_distributed()
     policy, critic, reward = resolve_model_paths(config)
     prompts, _ = load_prompts(config.dataset, config.train_split, config.max_prompts)
     engines = build_engines(config, policy, critic, reward)
-    frozen_before = {role: digest(getattr(engines, role)) for role in ("reference", "reward")}
+    frozen = {"reference": lambda: digest(engines.reference), "reward": lambda: digest(engines.reward)}
+    if config.lora_rank:
+        frozen = {"actor base": lambda: digest(engines.actor, frozen_only=True), "reward": frozen["reward"]}
+    frozen_before = {role: weights() for role, weights in frozen.items()}
     trainer = PPOTrainer(config, engines, prompts)
 
     rollouts = []
@@ -55,8 +75,11 @@ def main() -> None:
     params = list(engines.actor.module.parameters())
     partitioned = engines.actor.zero_optimization_partition_weights()
     with deepspeed.zero.GatheredParameters(params) if partitioned else contextlib.nullcontext():
-        export_diff = max((exported[name] - param.detach().cpu()).abs().max().item()
-                          for name, param in engines.actor.module.named_parameters() if name in exported)
+        trained = {name: param.detach().cpu().clone() for name, param in engines.actor.module.named_parameters()}
+    if config.lora_rank:
+        trained = merged_by_hand(trained, config.lora_alpha / config.lora_rank)
+    assert set(trained) <= set(exported) and len(trained) > 0, sorted(set(trained) - set(exported))[:3]
+    export_diff = max((exported[name] - tensor).abs().max().item() for name, tensor in trained.items())
     result = {
         "config": dataclasses.asdict(config),
         "export_max_abs_diff": export_diff,
@@ -64,7 +87,8 @@ def main() -> None:
         "history": history,
         "rollouts": rollouts,
         "actor": digest(engines.actor),
-        "frozen_unchanged": {role: digest(getattr(engines, role)) == before for role, before in frozen_before.items()},
+        "reference_engine": engines.reference is not None,
+        "frozen_unchanged": {role: frozen[role]() == before for role, before in frozen_before.items()},
     }
     with open(os.path.join(out, f"rank{get_rank()}.json"), "w") as fh:
         json.dump(result, fh)

@@ -114,3 +114,27 @@ def test_merging_a_state_dict_gives_the_adapted_models_outputs(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(load_critic(str(tmp_path / "critic"), torch.float32)(IDS, mask),
                                    critic(IDS, mask), rtol=0, atol=1e-5)
+
+
+def test_generation_with_adapters_samples_as_the_base_model_and_feeds_the_head_a_contiguous_input():
+    """A fresh LoRA actor (B = 0) samples exactly the base model's tokens from the same seed: peft's generate
+    takes our generation config. Its frozen LM head reads contiguous inputs only (sampling.py: a strided prefill
+    input to a head without grad made torch copy the weight per row, 10x slower generation at Qwen2's
+    vocabulary)."""
+    from rlhf_ds.embedded import build
+    from rlhf_ds.models import load_tokenizer
+    from rlhf_ds.sampling import Sampler, Sampling
+
+    path = build().policy
+    tokenizer = load_tokenizer(path)
+    base = load_policy(path, torch.float32).eval()
+    adapted = lora.add_adapters(load_policy(path, torch.float32), adapters(), seed=0).eval()
+    seen = []
+    adapted.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    batch = tokenizer(["\n\nHuman: How do I keep basil alive?\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:"],
+                      return_tensors="pt", padding=True)
+    sampler = Sampler(Sampling(temperature=1.0, max_new_tokens=6, stop_strings=()), tokenizer)
+    expected, _ = sampler.sample(base, batch["input_ids"], batch["attention_mask"], seed=5)
+    sequences, _ = sampler.sample(adapted, batch["input_ids"], batch["attention_mask"], seed=5)
+    assert torch.equal(sequences, expected)
+    assert seen and seen[0].shape[1] == 1 and all(hidden.is_contiguous() for hidden in seen)

@@ -17,9 +17,9 @@ a kill or a full disk while saving leaves the previous checkpoint and ``latest``
 
 ``export_model`` writes a live engine's model as an ordinary HF directory (safetensors + tokenizer);
 ``export_checkpoint`` does the same offline from a checkpoint, and can also write a LoRA run's adapter alone, in
-peft's format. A LoRA model is exported merged (``lora.merged``), so what loads it needs no peft. Under ZeRO-3 the weights are consolidated
-first (``zero_to_fp32.py --safe_serialization`` fails on Qwen2's tied embeddings; ``save_pretrained`` on a
-consolidated state dict does not).
+peft's format. A LoRA model is exported merged (``lora.filled`` then ``lora.merge``), so what loads it needs no
+peft. Under ZeRO-3 the weights are consolidated first (``zero_to_fp32.py --safe_serialization`` fails on Qwen2's
+tied embeddings; ``save_pretrained`` on a consolidated state dict does not).
 """
 from __future__ import annotations
 

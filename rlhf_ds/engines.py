@@ -205,9 +205,9 @@ def build_engine(config: PPOConfig, role: str, path: str,
     """One engine: ``role``'s model loaded from ``path`` and wrapped by DeepSpeed with ``build_ds_config``.
 
     Training roles get their LoRA adapters (``lora.lora_config``), the warmup schedule and, when configured,
-    gradient checkpointing; inference roles are frozen and in eval mode. Before loading, an ``HfDeepSpeedConfig`` of this engine's own config is made the
-    one transformers reads, so the model loads partitioned exactly when this engine is ZeRO-3, whatever was
-    built before it in the process; it is appended to ``hf_ds_configs``, which must outlive the engine
+    gradient checkpointing; inference roles are frozen and in eval mode. Before loading, an ``HfDeepSpeedConfig``
+    of this engine's own config is made the one transformers reads, so the model loads partitioned exactly when
+    this engine is ZeRO-3, whatever was built before it in the process; it is appended to ``hf_ds_configs``, which must outlive the engine
     (transformers holds only a weak reference). Joins the process group if the caller has not.
     """
     init_distributed()

@@ -11,10 +11,10 @@ weights, which the bitwise resume and the ranks' agreement need. They take the b
 otherwise upcast bf16 adapters to fp32, and DeepSpeed refuses a module of mixed dtypes under bf16/fp16; its fp32
 master copies keep the precision).
 
-Merging (``filled`` then ``merge``) runs on a skeleton of the model on the meta device whose tensors are then assigned from a
-consolidated state dict: it touches neither the training engine's weights (a merge and unmerge in place would
-leave them an ulp off, for good, since frozen weights are never rewritten by the optimizer) nor ZeRO-3's
-partitioned loading, which would make building a model on one rank a collective.
+Merging (``filled`` then ``merge``) runs on a skeleton of the model on the meta device whose tensors are then
+assigned from a consolidated state dict: it touches neither the training engine's weights (a merge and unmerge in
+place would leave them an ulp off, for good, since frozen weights are never rewritten by the optimizer) nor
+ZeRO-3's partitioned loading, which would make building a model on one rank a collective.
 """
 from __future__ import annotations
 

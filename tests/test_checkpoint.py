@@ -268,6 +268,8 @@ def test_export_never_destroys_the_checkpoint_its_run_or_other_files(straight, t
     assert export(tmp_path / "new")[0] == 0
     assert export(tmp_path / "new")[0] == 0  # an earlier export is replaced without --overwrite
     assert export(keep, "--overwrite")[0] == 0 and not (keep / "notes.txt").exists()
+    code, err = export(tmp_path / "again", "--adapter", str(tmp_path / "adapter"))  # a run without LoRA
+    assert code == 2 and "trained no LoRA adapters (lora_rank 0)" in err and not (tmp_path / "again").exists()
 
 
 def test_a_write_failure_torch_reports_as_runtime_error_is_a_checkpoint_error(tmp_path):

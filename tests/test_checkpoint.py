@@ -168,6 +168,9 @@ def test_a_critic_free_lora_run_resumes_bitwise_after_sigkill_and_exports_merged
     torch.testing.assert_close(logits["adapter on rounded base"], logits["merged"], rtol=0, atol=1e-4)
     assert (logits["adapter on rounded base"] - logits["rounded base"]).abs().max() > 1e-3  # the adapters trained
     torch.testing.assert_close(logits["adapter"], logits["merged"], rtol=0, atol=0.2)  # bf16's rounding apart
+    from transformers import pipeline
+    with torch.no_grad():  # the merged export is an ordinary model: the pipeline loads it, without peft
+        assert torch.equal(pipeline("text-generation", model=str(policy)).model(ids).logits, logits["merged"])
 
 
 def test_full_disk_during_save_is_an_error_and_keeps_previous_checkpoint(tmp_path):

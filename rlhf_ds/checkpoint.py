@@ -142,9 +142,10 @@ def _save(engines, trainer_state: dict, root: str, final: str, keep: int) -> str
     if is_main_process():
         for meta, model in (("policy_meta", engines.actor.module),
                             ("critic_meta", engines.critic.module.backbone if engines.critic else None)):
-            if model is not None:
-                model.config.save_pretrained(os.path.join(tmp, meta))
-            if model is not None and has_adapters(model):
+            if model is None:
+                continue
+            model.config.save_pretrained(os.path.join(tmp, meta))
+            if has_adapters(model):
                 adapter_config(model).save_pretrained(os.path.join(tmp, meta))
         engines.policy_tokenizer.save_pretrained(os.path.join(tmp, "policy_meta"))
         _write_json(os.path.join(tmp, STATE_FILE), {**trainer_state, "world_size": get_world_size()})

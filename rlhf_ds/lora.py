@@ -70,14 +70,19 @@ def _wrap(model: nn.Module, adapters: LoraConfig) -> PeftModel:
         return get_peft_model(model, copy.deepcopy(adapters), autocast_adapter_dtype=False)
 
 
+def _module(model: nn.Module) -> nn.Module:
+    """The module itself, out of its DeepSpeed engine if it has one."""
+    return getattr(model, "module", model)
+
+
 def has_adapters(model: nn.Module) -> bool:
     """True for a peft-wrapped module (or a DeepSpeed engine around one)."""
-    return isinstance(getattr(model, "module", model), PeftModel)
+    return isinstance(_module(model), PeftModel)
 
 
 def base_model(model: nn.Module) -> nn.Module:
     """The transformers model under any DeepSpeed engine and peft wrapper (for its type, signature, config)."""
-    model = getattr(model, "module", model)
+    model = _module(model)
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
@@ -85,13 +90,13 @@ def base_model(model: nn.Module) -> nn.Module:
 def adapters_disabled(model: nn.Module):
     """Inside: ``model`` (an engine or module with adapters) computes with its base weights alone, i.e. as the
     initial policy; peft's own switch, which changes no weight."""
-    with getattr(model, "module", model).disable_adapter():
+    with _module(model).disable_adapter():
         yield
 
 
 def adapter_config(model: nn.Module) -> LoraConfig:
     """The LoraConfig of ``model``'s active adapter (an engine or a peft-wrapped module)."""
-    model = getattr(model, "module", model)
+    model = _module(model)
     return model.peft_config[model.active_adapter]
 
 

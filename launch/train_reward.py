@@ -45,7 +45,7 @@ def train(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf_ds.models import load_reward_tokenizer
+    from rlhf_ds.models import load_reward_tokenizer, pretrained_kwargs
     from rlhf_ds.supervised import Schedule, evaluate_reward_model, train_reward_model
 
     pairs = _pairs(args.data, args.split)
@@ -53,7 +53,7 @@ def train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     tokenizer = load_reward_tokenizer(args.model, args.trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1,
-                                                               trust_remote_code=args.trust_remote_code)
+                                                               **pretrained_kwargs(args.trust_remote_code))
     schedule = Schedule(args.steps, args.batch_size, args.lr, args.warmup_steps, seed=args.seed)
     train_reward_model(model, tokenizer, pairs, schedule, args.max_len)
     model.save_pretrained(args.out, safe_serialization=True)

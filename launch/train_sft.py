@@ -33,7 +33,7 @@ def train(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhf_ds.models import load_tokenizer
+    from rlhf_ds.models import load_tokenizer, pretrained_kwargs
     from rlhf_ds.supervised import Schedule, train_sft
 
     dialogues = [r["chosen"] for r in load_records(args.data, args.split) if isinstance(r.get("chosen"), str)]
@@ -41,7 +41,7 @@ def train(args: argparse.Namespace) -> int:
         raise DataError(f"{args.data} has no record with a 'chosen' dialogue: SFT needs HH-format dialogues")
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(args.model, **pretrained_kwargs(args.trust_remote_code))
     schedule = Schedule(args.steps, args.batch_size, args.lr, args.warmup_steps, seed=args.seed)
     losses = train_sft(model, tokenizer, dialogues, schedule, args.max_len)
     model.save_pretrained(args.out, safe_serialization=True)

@@ -141,7 +141,8 @@ def memory_bandwidth(device: torch.device, nbytes: Optional[int] = None, repeats
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for queued kernels (a timer around asynchronous GPU work measures nothing otherwise)."""
+    """Wait for queued kernels: a timer around asynchronous GPU work measures only their launch otherwise (and
+    the trainer's phase clock would charge one phase's kernels to the next)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

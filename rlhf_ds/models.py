@@ -149,12 +149,21 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def pretrained_kwargs(trust_remote_code: bool) -> dict:
+    """What every ``from_pretrained`` of a model here passes besides its own arguments. ``use_kernels``: with the
+    ``kernels`` package (a dependency of transformers 5.25) ``from_pretrained`` defaults to Hub kernels, which a
+    GPU process fetches at its first ``train()``/``eval()`` and runs: compiled code from the Hub, so it comes
+    only with ``trust_remote_code`` (and an offline GPU machine stopped there with "not available in the local
+    cache")."""
+    return dict(trust_remote_code=trust_remote_code, use_kernels=trust_remote_code)
+
+
 def load_policy(path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
     """Actor or reference: a causal LM, dropout off. KV cache off for training forwards (generation turns it
     back on). A LoRA adapter directory (peft's format, ``launch/export.py --adapter``) loads onto the base model
     its adapter_config.json names, through transformers' own peft integration."""
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                       use_safetensors=True, output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                       output_loading_info=True, **pretrained_kwargs(trust_remote_code))
     _refuse_missing_weights(info, path, "policy_model")
     model.config.use_cache = False
     return disable_dropout(model)
@@ -186,8 +195,8 @@ class CriticModel(nn.Module):
 def load_critic(path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> CriticModel:
     """Backbone from any checkpoint of the family (a causal LM's extra lm_head is dropped); the value head from
     ``path/value_head.safetensors`` when ``path`` is a critic saved by ``save_critic``, else zeros."""
-    backbone, info = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                               use_safetensors=True, output_loading_info=True)
+    backbone, info = AutoModel.from_pretrained(path, dtype=dtype, use_safetensors=True, output_loading_info=True,
+                                               **pretrained_kwargs(trust_remote_code))
     _refuse_missing_weights(info, path, "critic_model")
     backbone.config.use_cache = False
     critic = CriticModel(disable_dropout(backbone))
@@ -228,9 +237,9 @@ def load_reward_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrai
 
 def load_reward_model(path: str, dtype: torch.dtype, trust_remote_code: bool = False) -> PreTrainedModel:
     """The reward model: a sequence classifier with one logit (its tokenizer: ``load_reward_tokenizer``)."""
-    model, info = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype,
-                                                                     trust_remote_code=trust_remote_code,
-                                                                     use_safetensors=True, output_loading_info=True)
+    model, info = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                                     output_loading_info=True,
+                                                                     **pretrained_kwargs(trust_remote_code))
     _refuse_missing_weights(info, path, "reward_model")
     return model
 

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from rlhf_ds import device_memory, ppo
+from rlhf_ds import benchmark, device_memory, ppo
 from rlhf_ds.checkpoint import export_model, load_checkpoint, save_checkpoint
 from rlhf_ds.config import PPOConfig
 from rlhf_ds.data import PromptCollator, PromptLoader
@@ -46,6 +46,7 @@ class PhaseMeter:
         self._start = time.perf_counter()
 
     def lap(self, phase: str) -> None:
+        benchmark.synchronize(self.device)  # on a GPU the phase's kernels end here, not in the next phase
         now = time.perf_counter()
         self.seconds[f"time_{phase}_s"] = now - self._start
         self.peak_mb[f"peak_memory_{phase}_mb"] = device_memory.peak_mb(self.device)

@@ -106,6 +106,19 @@ def test_policy_loads_without_kv_cache_for_training(tiny):
     assert load_policy(paths["policy"], torch.float32).config.use_cache is False
 
 
+def test_no_hub_kernels_without_trust_remote_code(tiny):
+    """transformers 5.25 with ``kernels`` installed defaults to Hub kernels, fetched and run at a GPU model's first
+    train()/eval(): remote code, and fatal offline (the first GPU run stopped there). Off for every role."""
+    from transformers.utils.import_utils import is_kernels_available
+
+    assert is_kernels_available()  # the test means nothing where transformers would not use them anyway
+    _, paths = tiny
+    models = {"policy": load_policy(paths["policy"], torch.float32),
+              "critic": load_critic(paths["policy"], torch.float32).backbone,
+              "reward": load_reward_model(paths["reward"], torch.float32)}
+    assert {role: model.use_kernels for role, model in models.items()} == dict.fromkeys(models, False)
+
+
 # --- the right kind of model for each role, checked before (or while) loading --------------------------------
 def test_model_paths_that_cannot_serve_their_role_are_one_line(tiny, tmp_path):
     _, paths = tiny

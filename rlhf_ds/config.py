@@ -81,7 +81,7 @@ class PPOConfig:
     rollout_batch_size: int = _doc(16, "prompts generated per rank per iteration")
     mini_batch_size: int = _doc(8, "sequences per rank per optimizer step; must divide rollout_batch_size")
     ppo_epochs: int = _doc(2, "passes over each rollout")
-    actor_lr: float = _doc(1e-4, "actor learning rate (embedded default; real models: 1e-6..1e-5)")
+    actor_lr: float = _doc(5e-5, "actor learning rate (embedded default; real models: 1e-6..1e-5)")
     critic_lr: float = _doc(5e-4, "critic learning rate (embedded default; real models: 1e-6..1e-5)")
     weight_decay: float = _doc(0.0, "AdamW weight decay")
     warmup_steps: int = _doc(0, "linear learning-rate warmup, in optimizer steps")

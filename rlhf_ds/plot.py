@@ -99,7 +99,10 @@ def plot_kl(records: list[dict], target_kl: float, path: str) -> str:
     ax.axhspan(0.5 * target_kl, 2 * target_kl, color="tab:green", alpha=0.15,
                label="[0.5, 2]·target: step controller leaves kl_coef alone")
     ax.axhline(target_kl, color="tab:green", linestyle="--", label=f"target_kl = {target_kl:g}")
-    ax.plot(x, _series(records, "kl_divergence"), color="tab:blue", label="kl_divergence (per token)")
+    ax.plot(x, _series(records, "kl_divergence"), color="tab:blue", label="kl_divergence (k3, the controller's)")
+    # the penalty's own estimator (k1 by default: the same KL, noisier); absent from runs before it was logged
+    ax.plot(x, _series(records, "kl_penalty_mean"), color="tab:gray", linewidth=0.8, alpha=0.7,
+            label="kl_penalty_mean (kl_estimator)")
     ax.set(xlabel="iteration", ylabel="KL (nats per token)", title="KL divergence from the reference policy")
     ax.legend()
     ax.grid(alpha=0.3)

@@ -139,7 +139,9 @@ class PPOTrainer:
         rewards = ppo.shape_rewards(self._normalise(exp.scores), kl, mask, 0.0 if cfg.kl_in_loss else kl_coef,
                                     cfg.reward_clip)
         exp.advantages, exp.returns = self._advantages(rewards, exp.values, mask)
-        kl_divergence = global_masked_mean(kl, mask).item()  # token-weighted over all ranks
+        # token-weighted over all ranks: the penalty's own mean, and the controller's statistic
+        kl_penalty_mean = global_masked_mean(kl, mask).item()
+        kl_divergence = global_masked_mean(ppo.kl_statistic(exp.old_logprobs, exp.ref_logprobs), mask).item()
 
         update_metrics, skipped_minibatches = self.update(exp, kl_coef)
         meter.lap("update")
@@ -147,8 +149,8 @@ class PPOTrainer:
             return self._skip("non-finite loss", meter, skipped_minibatches)
         self.kl_controller.update(kl_divergence, exp.sequences.shape[0] * self.world_size)  # samples
         self.consecutive_skips = 0
-        return self._metrics(exp, rewards, kl_divergence, kl_coef, update_metrics, skipped_minibatches,
-                             prompts_truncated, meter)
+        return self._metrics(exp, rewards, {"kl_divergence": kl_divergence, "kl_penalty_mean": kl_penalty_mean},
+                             kl_coef, update_metrics, skipped_minibatches, prompts_truncated, meter)
 
     def _advantages(self, rewards: torch.Tensor, values: torch.Tensor | None,
                     mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -240,7 +242,7 @@ class PPOTrainer:
                           "approx_kl": ppo.approx_kl(logprobs, mb.old_logprobs, mask, num_tokens)}
         return {**losses, **statistics}
 
-    def _metrics(self, exp: Experience, rewards: torch.Tensor, kl_divergence: float, kl_coef: float,
+    def _metrics(self, exp: Experience, rewards: torch.Tensor, kl_metrics: dict, kl_coef: float,
                  update_metrics: dict, skipped_minibatches: int, prompts_truncated: float, meter: PhaseMeter) -> dict:
         """The iteration's metrics, the same on every rank: this rank's figures averaged over ranks (equal row
         counts make that the global mean), peaks maxed, token statistics over all ranks' tokens."""
@@ -262,7 +264,7 @@ class PPOTrainer:
         if explained_var is not None:  # no critic, or fewer than 2 valid tokens over all ranks: undefined
             metrics["value_explained_var"] = explained_var
         tokens = metrics.pop("tokens") * self.world_size
-        metrics.update(iteration=self.iteration, kl_divergence=kl_divergence, kl_coef=kl_coef,
+        metrics.update(iteration=self.iteration, **kl_metrics, kl_coef=kl_coef,
                        next_kl_coef=self.kl_controller.value, skipped_batches=self.skipped_batches,
                        skipped_minibatches=skipped_minibatches, tokens_per_s=tokens / sum(meter.seconds.values()),
                        total_loss=ppo.total_loss(metrics["policy_loss"], metrics.get("value_loss"),

@@ -270,6 +270,19 @@ def test_kl_penalty_by_hand():
     assert ppo.kl_penalty(logprobs, ref_logprobs, "k3").tolist() == pytest.approx([0.1065307, 0.7182818, 0.0])
 
 
+def test_kl_statistic_is_k3_capped_by_hand_and_against_a_loop():
+    """The controller's statistic: k3 per token, at most KL_STATISTIC_CAP nats (a forced token with d = -17 gave
+    k3 = 2.4e7 and drowned a rollout's mean)."""
+    # d = logprobs - ref_logprobs = [0.5, -1, 0, -17]: k3 = [e^-0.5 - 0.5, e - 2, 0, e^17 - 18 -> the cap]
+    logprobs, ref_logprobs = torch.tensor([-1.0, -2.0, -3.0, -20.0]), torch.tensor([-1.5, -1.0, -3.0, -3.0])
+    assert ppo.kl_statistic(logprobs, ref_logprobs).tolist() == pytest.approx([0.1065307, 0.7182818, 0.0, 10.0])
+    logprobs, ref_logprobs = -randn(B, T, seed=21).abs() * 8, -randn(B, T, seed=22).abs()
+    expected = [[min(math.exp(b - a) - 1 + (a - b), ppo.KL_STATISTIC_CAP) for a, b in zip(row, ref_row)]
+                for row, ref_row in zip(logprobs.tolist(), ref_logprobs.tolist())]
+    assert any(value == ppo.KL_STATISTIC_CAP for row in expected for value in row)  # the cap is exercised
+    assert_close(ppo.kl_statistic(logprobs, ref_logprobs), expected)
+
+
 def test_kl_penalty_unknown_estimator():
     with pytest.raises(ValueError, match="'k4'.*k1.*k2.*k3"):
         ppo.kl_penalty(torch.zeros(2), torch.zeros(2), "k4")

@@ -15,9 +15,9 @@ import contextlib
 import dataclasses
 
 import deepspeed
+import torch
 from safetensors.torch import load_file
 
-from rlhf_ds import ppo
 from rlhf_ds.config import PPOConfig
 from rlhf_ds.data import load_prompts
 from rlhf_ds.distributed import exit_process, get_rank, init_distributed
@@ -59,8 +59,10 @@ def main() -> None:
 
     def recording_make(prompt_mask, sequences, response_mask):
         exp = make(prompt_mask, sequences, response_mask)
-        kl = ppo.kl_penalty(exp.old_logprobs, exp.ref_logprobs, config.kl_estimator) * exp.response_mask
-        rollouts.append({"kl_sum": kl.double().sum().item(), "tokens": exp.response_mask.sum().item(),
+        # the controller's statistic, written out here: k3 = exp(-d) - 1 + d, d = log pi - log pi_ref, at most 10
+        d = (exp.old_logprobs - exp.ref_logprobs).double()
+        kl = torch.minimum(torch.exp(-d) - 1 + d, torch.tensor(10.0, dtype=torch.float64)) * exp.response_mask
+        rollouts.append({"kl_sum": kl.sum().item(), "tokens": exp.response_mask.sum().item(),
                          "scores": exp.scores.tolist(), "lengths": exp.response_mask.sum(1).tolist(),
                          "prompt_mask": prompt_mask.tolist(), "sequences": sequences.tolist(),
                          "response_mask": response_mask.tolist(), "old_logprobs": exp.old_logprobs.tolist(),

@@ -10,7 +10,9 @@ The caches live under ``$RLHF_DS_CACHE`` (default ``~/.cache/rlhf_ds``), one dir
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +28,30 @@ from rlhf_ds.errors import KnownError
 from rlhf_ds.files import file_digests, first_problem
 
 MANIFEST = "manifest.json"
+
+
+def recipe_digest(recipe) -> str:
+    """The name of a recipe's cache directory: 12 hex digits of the sha256 of its fields (a dataclass) as sorted
+    JSON, so that any change to what determines the bytes gives another directory."""
+    text = json.dumps(dataclasses.asdict(recipe), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltModels:
+    """A complete build of a policy and a reward model under ``root``: each directory loads with the usual
+    ``from_pretrained``; ``manifest`` is its manifest.json (what ``cached_build`` returned)."""
+
+    root: Path
+    manifest: dict
+
+    @property
+    def policy(self) -> str:
+        return str(self.root / "policy")
+
+    @property
+    def reward(self) -> str:
+        return str(self.root / "reward")
 
 
 class CacheError(KnownError, RuntimeError):

@@ -15,7 +15,6 @@ built and verified by ``cache.cached_build``: a partial or corrupted cache is de
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import random
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from rlhf_ds import corpus
-from rlhf_ds.cache import cache_root, cached_build
+from rlhf_ds.cache import BuiltModels, cache_root, cached_build, recipe_digest
 from rlhf_ds.data import PromptCollator, extract_prompt, question_from_prompt
 from rlhf_ds.errors import run_main
 from rlhf_ds.sampling import Sampler, Sampling
@@ -67,24 +66,15 @@ class Recipe:
     corpus_version: int = 1
 
     def digest(self) -> str:
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return recipe_digest(self)
 
 
-@dataclass(frozen=True)
-class EmbeddedModels:
-    """Where a built embedded default lives: load each with the usual ``from_pretrained``."""
-
-    root: Path
-    quality: dict
+class EmbeddedModels(BuiltModels):
+    """Where a built embedded default lives, with the quality figures its build measured."""
 
     @property
-    def policy(self) -> str:
-        return str(self.root / "policy")
-
-    @property
-    def reward(self) -> str:
-        return str(self.root / "reward")
+    def quality(self) -> dict:
+        return self.manifest["quality"]
 
 
 # --- tokenizers -----------------------------------------------------------------------------------------
@@ -300,8 +290,7 @@ def build(recipe: Recipe = Recipe(), force: bool = False) -> EmbeddedModels:
         return {"recipe": dataclasses.asdict(recipe), "quality": models.report}
 
     final = cache_dir(recipe)
-    manifest = cached_build(final, make, f"the embedded default (recipe {recipe.digest()})", force)
-    return EmbeddedModels(final, manifest["quality"])
+    return EmbeddedModels(final, cached_build(final, make, f"the embedded default (recipe {recipe.digest()})", force))
 
 
 def format_report(quality: dict) -> str:

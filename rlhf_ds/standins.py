@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import itertools
 import json
 import string
@@ -42,7 +41,7 @@ from typing import Iterator
 import torch
 
 from rlhf_ds import corpus
-from rlhf_ds.cache import cache_root, cached_build
+from rlhf_ds.cache import BuiltModels, cache_root, cached_build, recipe_digest
 from rlhf_ds.embedded import EOS, POLICY_SPECIALS, build_policy_tokenizer
 from rlhf_ds.errors import KnownError, run_main
 from rlhf_ds.models import qwen2_0_5b_config, tiny_deberta_config, tiny_qwen2_config
@@ -90,27 +89,7 @@ class ShapeRecipe:
                 raise StandinError(f"{field}={layers}: a stand-in has 1 to {full} layers (the real model: {full})")
 
     def digest(self) -> str:
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-@dataclass(frozen=True)
-class StandinModels:
-    """A built cache: each directory loads with the usual ``from_pretrained`` (and ``rlhf_ds.models``)."""
-
-    root: Path
-
-    @property
-    def policy(self) -> str:
-        return str(self.root / "policy")
-
-    @property
-    def reward(self) -> str:
-        return str(self.root / "reward")
-
-    @property
-    def manifest(self) -> dict:
-        return json.loads((self.root / "manifest.json").read_text())
+        return recipe_digest(self)
 
 
 # --- tokenizers -----------------------------------------------------------------------------------------------
@@ -269,7 +248,7 @@ def cache_dir(recipe: ShapeRecipe = ShapeRecipe()) -> Path:
     return cache_root() / "standins" / recipe.digest()
 
 
-def build_standins(recipe: ShapeRecipe = ShapeRecipe(), force: bool = False) -> StandinModels:
+def build_standins(recipe: ShapeRecipe = ShapeRecipe(), force: bool = False) -> BuiltModels:
     """The stand-ins of ``recipe``, built on first use (``cache.cached_build``); later calls verify the cache.
 
     Verifying hashes every file (about a second per GB: 4 s at full depth), so a caller that needs both
@@ -279,8 +258,7 @@ def build_standins(recipe: ShapeRecipe = ShapeRecipe(), force: bool = False) -> 
         return {"recipe": dataclasses.asdict(recipe), **save_standins(recipe, out)}
 
     final = cache_dir(recipe)
-    cached_build(final, make, f"{', '.join(STANDINS)} (recipe {recipe.digest()})", force)
-    return StandinModels(final)
+    return BuiltModels(final, cached_build(final, make, f"{', '.join(STANDINS)} (recipe {recipe.digest()})", force))
 
 
 def resolve_standin(name: str, recipe: ShapeRecipe = ShapeRecipe()) -> str:

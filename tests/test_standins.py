@@ -29,7 +29,7 @@ EOS_ID, IM_START_ID, IM_END_ID = 151643, 151644, 151645
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """(StandinModels, seconds the build took) in a cache of this module's own, deleted afterwards (1.2 GB)."""
+    """(BuiltModels, seconds the build took) in a cache of this module's own, deleted afterwards (1.2 GB)."""
     cache = tmp_path_factory.mktemp("standin_cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RLHF_DS_CACHE", str(cache))

@@ -149,9 +149,10 @@ def kl_statistic(logprobs, ref_logprobs):
     from the policy), is never negative, and its variance is of order KL^2 where k1's is of order KL. Over one
     embedded rollout (~320 tokens) k1's mean swings by about +-0.008 at a KL of 0.01, as wide as the step rule's
     dead zone [0.005, 0.02], so the rule reacted to noise (README, KL control). Why the cap: k3 grows as
-    exp(ref_logprob - logprob), so a token the policy did not sample (an EOS forced by the length limit) or
-    sampled against the odds could alone outweigh a rollout (3e7 was seen for one forced EOS); for a sampled
-    token a value of 10 nats has probability below e^-10.
+    pi_ref / pi, so one token the policy did not sample (tests/test_update.py forces an EOS-only response: 3e7)
+    could alone outweigh a rollout. A sampled token reaches 10 nats only where the reference gives it at least
+    13.6 times the policy's probability (r - 1 - log r = 10 at r = 13.6), at most 1/13.6 of the draws, and in the
+    measured runs never.
     """
     return kl_penalty(logprobs, ref_logprobs, "k3").clamp(max=KL_STATISTIC_CAP)
 

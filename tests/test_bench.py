@@ -346,12 +346,12 @@ def test_dschat_step3_builds_the_shapes_it_was_timed_with(tmp_path):
     MLP 1024, vocabulary 4096) as policy and reward model, and prompts that cut to exactly 64 tokens each."""
     from transformers import AutoConfig
 
+    from rlhf_ds.bench_models import dschat_step3
     from rlhf_ds.config import PPOConfig
     from rlhf_ds.data import PromptCollator, load_prompts
     from rlhf_ds.models import load_reward_model, load_tokenizer
 
-    bench = _bench_module()
-    overrides = bench.dschat_step3(str(tmp_path))
+    overrides = dschat_step3(str(tmp_path))
     config = PPOConfig.from_args(overrides + ["--output_dir", str(tmp_path / "run")])
     assert (config.rollout_batch_size, config.mini_batch_size, config.ppo_epochs, config.max_new_tokens,
             config.max_prompt_len, config.precision, config.stop_strings) == (8, 8, 1, 32, 64, "fp32", [])

@@ -1,7 +1,7 @@
 """The models ``launch/bench.py --model`` times besides the embedded default: a random 40M Qwen2
 (``qwen2-small``), the shapes DeepSpeed-Chat's step 3 was timed with (``dschat-step3``), and the stand-ins of the
-real models (``qwen2-0.5b-shape[:LAYERS]``). Each builds its random models into a directory and returns the
-PPOConfig overrides that select them; the heavy imports wait until a preset is built.
+real models (``qwen2-0.5b-shape[:LAYERS]``, built in their own cache). Each returns the PPOConfig overrides that
+select its models, the first two after building them into a directory; the heavy imports wait until then.
 """
 from __future__ import annotations
 

@@ -54,8 +54,8 @@ class Recipe:
     reward_heads: int = 4
     max_seq_len: int = 160
     sft_rejected_fraction: float = 0.5
-    sft_steps: int = 300
-    sft_batch_size: int = 64
+    sft_steps: int = 1200
+    sft_batch_size: int = 32
     sft_lr: float = 3e-3
     reward_steps: int = 100
     reward_batch_size: int = 32
@@ -189,7 +189,8 @@ def sample_answers(policy, tokenizer, prompts: list[str], max_new_tokens: int, m
 
 @torch.no_grad()
 def quality_report(policy, policy_tokenizer, reward, reward_tokenizer, recipe: Recipe) -> dict:
-    """Held-out figures the build prints and the tests assert: reward accuracy, score gap, policy samples."""
+    """Held-out figures the build prints and the tests assert: reward accuracy, score gap, policy samples (their
+    score, EOS fraction, and how many are about the subject asked, by ``corpus.about_subject``)."""
     from rlhf_ds.reward import score_pairs
 
     test = corpus.make_split("test")
@@ -212,6 +213,8 @@ def quality_report(policy, policy_tokenizer, reward, reward_tokenizer, recipe: R
         "rejected_score_mean": rejected.mean().item(),
         "policy_eos_fraction": eos_fraction,
         "policy_score_mean": sample_scores.mean().item(),
+        "policy_about_subject": sum(bool(corpus.about_subject(p, a)) for p, a in zip(prompts, answers))
+        / len(prompts),
         "policy_samples": [p[-60:] + " " + a for p, a in zip(prompts[:4], answers[:4])],
     }
 
@@ -299,7 +302,8 @@ def format_report(quality: dict) -> str:
     lines += [f"  {flaw:<10} {acc:.3f}" for flaw, acc in quality["reward_accuracy_per_flaw"].items()]
     lines += [f"mean score: chosen {quality['chosen_score_mean']:.3f}, rejected {quality['rejected_score_mean']:.3f},"
               f" SFT policy samples {quality['policy_score_mean']:.3f}",
-              f"SFT policy samples ending with EOS: {quality['policy_eos_fraction']:.2f}"]
+              f"SFT policy samples ending with EOS: {quality['policy_eos_fraction']:.2f}",
+              f"SFT policy samples about the subject asked: {quality['policy_about_subject']:.2f}"]
     lines += ["time per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in quality.get("timings", {}).items())]
     lines += ["samples:"] + [f"  ...{s!r}" for s in quality["policy_samples"]]
     return "\n".join(lines)

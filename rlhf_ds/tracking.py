@@ -25,7 +25,7 @@ from rlhf_ds.files import atomic_write_text
 from rlhf_ds.openmp import thread_settings
 
 # Distributions whose versions decide a run's numbers (rlhf_ds is listed under its distribution name).
-TRACKED_PACKAGES = {"torch": "torch", "deepspeed": "deepspeed", "transformers": "transformers",
+TRACKED_PACKAGES = {"deepspeed": "deepspeed", "transformers": "transformers",
                     "datasets": "datasets", "accelerate": "accelerate", "safetensors": "safetensors",
                     "tokenizers": "tokenizers", "rlhf_ds": "rlhf-ds"}
 WANDB_MISSING = "wandb=true but the wandb package is not installed: pip install wandb, or set --wandb false"
@@ -289,8 +289,13 @@ def git_revision(directory: str) -> tuple[Optional[str], Optional[bool]]:
 
 
 def package_versions() -> dict[str, Optional[str]]:
-    """Python and the tracked distributions' versions (None for one that is not installed)."""
-    versions: dict[str, Optional[str]] = {"python": platform.python_version()}
+    """Python's, torch's and the tracked distributions' versions (None for one that is not installed). torch's is
+    the running build's own string, not its distribution's: the CUDA wheel on PyPI says ``2.13.0`` in its metadata
+    but ``2.13.0+cu130`` in ``torch.__version__``, and which build ran (CPU, which CUDA) is what a run record
+    needs."""
+    import torch
+
+    versions: dict[str, Optional[str]] = {"python": platform.python_version(), "torch": torch.__version__}
     for key, distribution in TRACKED_PACKAGES.items():
         try:
             versions[key] = metadata.version(distribution)

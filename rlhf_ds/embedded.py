@@ -206,6 +206,7 @@ def quality_report(policy, policy_tokenizer, reward, reward_tokenizer, recipe: R
                                            recipe.max_seq_len, recipe.seed)
     sample_scores, _ = score_pairs(reward, reward_tokenizer, [question_from_prompt(p) for p in prompts], answers,
                                 recipe.max_seq_len)
+    about = [bool(corpus.about_subject(prompt, answer)) for prompt, answer in zip(prompts, answers)]
     return {
         "reward_accuracy": wins.mean().item(),
         "reward_accuracy_per_flaw": per_flaw,
@@ -213,8 +214,7 @@ def quality_report(policy, policy_tokenizer, reward, reward_tokenizer, recipe: R
         "rejected_score_mean": rejected.mean().item(),
         "policy_eos_fraction": eos_fraction,
         "policy_score_mean": sample_scores.mean().item(),
-        "policy_about_subject": sum(bool(corpus.about_subject(p, a)) for p, a in zip(prompts, answers))
-        / len(prompts),
+        "policy_about_subject": sum(about) / len(about),
         "policy_samples": [p[-60:] + " " + a for p, a in zip(prompts[:4], answers[:4])],
     }
 

@@ -20,7 +20,8 @@ question and answer together, and a reward model of this size learns it only nea
 time budget (it takes ~2000 steps on swap pairs alone: README, "What the reward model learns", has the figures).
 Every flaw above can be seen in the answer alone. ``about_subject`` judges relevance instead by a rule on the
 corpus's own vocabulary, so that a policy's answers can be checked without a reward model (and the SFT policy,
-trained to copy the asked subject, is what makes PPO's answers relevant). Test prompts are (topic, subject, question template) combinations held out from training.
+trained to copy the asked subject, is what makes PPO's answers relevant). Test prompts are (topic, subject,
+question template) combinations held out from training.
 """
 from __future__ import annotations
 

@@ -211,9 +211,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def summarize(records: list[dict]) -> dict:
     """The evaluation's figures from its per-prompt records (so the JSONL reproduces the summary exactly).
 
-    win_rate: policy score > reference score on the same prompt counts 1, a tie 0.5. kl_mean: per-sequence
-    KL averaged over prompts; kl_per_token: total KL / total policy response tokens (token-weighted, like the
-    trainer's kl_divergence).
+    win_rate: policy score > reference score on the same prompt counts 1, a tie 0.5. The two samples share their
+    random numbers, so a policy near its reference often gives the very same answer: tie_fraction says how often,
+    and win_rate_decided is the win rate over the other prompts (None when every prompt is a tie).
+    kl_mean: per-sequence KL averaged over prompts; kl_per_token: total KL / total policy response tokens
+    (token-weighted, like the trainer's kl_divergence).
     """
     if not records:
         raise EvaluationError("no records to summarise")
@@ -224,6 +226,9 @@ def summarize(records: list[dict]) -> dict:
     wins = [1.0 if r["policy_score"] > r["reference_score"] else 0.5 if r["policy_score"] == r["reference_score"]
             else 0.0 for r in records]
     summary["win_rate"] = sum(wins) / len(wins)
+    decided = [w for w in wins if w != 0.5]
+    summary["tie_fraction"] = 1 - len(decided) / len(wins)
+    summary["win_rate_decided"] = sum(decided) / len(decided) if decided else None
     kl_total = sum(r["kl"] for r in records)
     summary["kl_mean"] = kl_total / len(records)
     summary["kl_per_token"] = kl_total / sum(r["policy_length"] for r in records)
@@ -246,6 +251,9 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{label:<17}{fmt.format(summary[f'policy_{key}']):>10}"
                      f"{fmt.format(summary[f'reference_{key}']):>11}")
     lines.append(f"win rate (policy > reference, ties 0.5): {summary['win_rate']:.3f}")
+    decided = summary["win_rate_decided"]
+    lines.append(f"ties (the same score): {summary['tie_fraction']:.2f}; win rate where not tied: "
+                 + ("none" if decided is None else f"{decided:.3f}"))
     lines.append(f"KL(policy || reference), k1: {summary['kl_mean']:.4f} per sequence, "
                  f"{summary['kl_per_token']:.5f} per token")
     lines.append(f"prompts: {summary['num_prompts']}")

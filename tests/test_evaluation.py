@@ -12,7 +12,7 @@ from rlhf_ds.config import PPOConfig
 from rlhf_ds.data import load_prompts
 from rlhf_ds.catalog import resolve_model_paths
 from rlhf_ds.corpus import about_subject
-from rlhf_ds.evaluation import evaluate, evaluate_policy, load_models, sequence_kl, summarize
+from rlhf_ds.evaluation import evaluate, evaluate_policy, format_summary, load_models, sequence_kl, summarize
 from rlhf_ds.sampling import Sampler, Sampling
 from rlhf_ds.models import load_tokenizer, tiny_qwen2_config
 
@@ -77,7 +77,7 @@ def test_policy_against_itself_gives_identical_samples_win_rate_half_and_zero_kl
     assert torch.equal(torch.get_rng_state(), rng_before)  # seeded sampling leaves the global RNG alone
     summary = summarize(records)
     assert summary["num_prompts"] == NUM_PROMPTS
-    assert summary["win_rate"] == 0.5
+    assert summary["win_rate"] == 0.5 and summary["tie_fraction"] == 1.0
     assert summary["kl_mean"] == 0.0 and summary["kl_per_token"] == 0.0
     assert all(r["kl"] == 0.0 for r in records)
     for r in records:
@@ -170,6 +170,7 @@ def test_cli_writes_samples_whose_means_are_the_summary(paths, perturbed_policy,
     wins = [1.0 if r["policy_score"] > r["reference_score"] else 0.5 if r["policy_score"] == r["reference_score"]
             else 0.0 for r in records]
     assert summary["win_rate"] == pytest.approx(sum(wins) / len(wins), abs=1e-12)
+    assert summary["tie_fraction"] == pytest.approx(wins.count(0.5) / len(wins), abs=1e-12)
     assert summary["policy_response_length"] == pytest.approx(mean("policy_length"), abs=1e-12)
     assert summary["reference_eos_fraction"] == pytest.approx(mean("reference_ended"), abs=1e-12)
     assert summary["settings"]["policy"] == perturbed_policy and summary["settings"]["max_new_tokens"] == NEW_TOKENS
@@ -188,6 +189,23 @@ def test_about_subject_is_summarised_only_where_the_rule_judged_every_prompt():
 
     assert summarize([record(True), record(False), record(True), record(True)])["policy_about_subject"] == 0.75
     assert "policy_about_subject" not in summarize([record(True), record(None)])  # a prompt from elsewhere
+
+
+def test_ties_are_counted_and_the_win_rate_over_the_rest_is_reported():
+    def record(policy_score, reference_score):
+        return {"policy_score": policy_score, "reference_score": reference_score, "kl": 0.0, "policy_length": 4,
+                "reference_length": 4, "policy_ended": True, "reference_ended": True}
+
+    # 2 ties, 3 wins, 1 loss: win rate (3 + 2 * 0.5) / 6; 2 of 6 tied; 3 of the 4 decided won
+    summary = summarize([record(1.0, 1.0), record(2.0, 1.0), record(0.5, 0.5), record(3.0, -1.0),
+                         record(0.0, 1.0), record(1.5, 1.0)])
+    assert summary["win_rate"] == pytest.approx(4 / 6)
+    assert summary["tie_fraction"] == pytest.approx(2 / 6)
+    assert summary["win_rate_decided"] == pytest.approx(3 / 4)
+    assert "ties (the same score): 0.33; win rate where not tied: 0.750" in format_summary(summary)
+    all_tied = summarize([record(1.0, 1.0), record(0.0, 0.0)])
+    assert all_tied["tie_fraction"] == 1.0 and all_tied["win_rate_decided"] is None
+    assert "win rate where not tied: none" in format_summary(all_tied)
 
 
 def test_a_perturbed_policy_has_positive_kl(paths, perturbed_policy):

@@ -35,6 +35,7 @@ EOS = "<|endoftext|>"  # Qwen2's end-of-text token, also its padding token
 POLICY_SPECIALS = (EOS, "<|im_start|>", "<|im_end|>")
 REWARD_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 FLAW_FREE = "none"
+DEBERTA_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]  # segment ids too, as DeBERTa's tokenizer
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ def build_policy_tokenizer(texts: list[str], vocab_size: int):
 
 
 def build_reward_tokenizer(texts: list[str], vocab_size: int):
-    """WordPiece with a BERT-style pair template ``[CLS] question [SEP] answer [SEP]`` (a different vocabulary).
+    """WordPiece with a BERT-style pair template ``[CLS] question [SEP] answer [SEP]`` (a different vocabulary),
+    returning segment ids (0 question, 1 answer) as DeBERTa's tokenizer does.
 
     The vocabulary is counted here rather than by the ``tokenizers`` WordPiece trainer, whose merges break ties
     in hash order (different ids from run to run): every character (alone and as a ``##`` continuation), then
@@ -133,7 +135,7 @@ def build_reward_tokenizer(texts: list[str], vocab_size: int):
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", padding_side="right",
-                                   truncation_side="left")
+                                   truncation_side="left", model_input_names=DEBERTA_INPUTS)
 
 
 # --- models -------------------------------------------------------------------------------------------------

@@ -279,14 +279,19 @@ def tiny_qwen2_config(vocab_size: int, bos_token_id: int, eos_token_id: int, pad
 
 def tiny_deberta_config(vocab_size: int, pad_token_id: int, hidden_size: int = 64, num_layers: int = 2,
                         num_heads: int = 4, intermediate_size: Optional[int] = None,
-                        max_position_embeddings: int = 256) -> DebertaV2Config:
+                        max_position_embeddings: int = 256, **family_overrides) -> DebertaV2Config:
     """DeBERTa-v3's architecture (relative p2c/c2p attention, 256 log position buckets, shared attention keys)
     at toy size, with one output logit (num_labels=1) as a reward model. intermediate_size defaults to
-    DeBERTa-v3's MLP ratio times hidden_size."""
+    DeBERTa-v3's MLP ratio times hidden_size; ``family_overrides`` replace DeBERTa-v3's own settings (the
+    embedded reward model tells the question and answer segments apart and trains without dropout)."""
     if intermediate_size is None:
         intermediate_size = hidden_size * _DEBERTA_V3_MLP_RATIO
+    unknown = set(family_overrides) - set(_DEBERTA_V3_FAMILY)
+    if unknown:
+        raise TypeError(f"tiny_deberta_config: {sorted(unknown)} are not DeBERTa-v3 family settings")
     return DebertaV2Config(
         vocab_size=vocab_size, pad_token_id=pad_token_id, hidden_size=hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings, num_labels=1, **_DEBERTA_V3_FAMILY,
+        max_position_embeddings=max_position_embeddings, num_labels=1,
+        **{**_DEBERTA_V3_FAMILY, **family_overrides},
     )

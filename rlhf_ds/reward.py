@@ -44,8 +44,9 @@ def encode_pairs(tokenizer, questions: list[str], answers: list[str], max_len: i
 
     Too long: the question is cut from the *left* (the end of the dialogue matters most). Only when the answer
     alone does not fit is it cut too (``longest_first``), which ``only_first`` would refuse to do.
-    Returns ``input_ids``/``attention_mask`` (B, L) tensors and ``truncated`` (B,) bool, the pairs that were cut.
-    The tokenizer must truncate from the left, as ``models.load_reward_tokenizer`` sets it up.
+    Returns ``input_ids``/``attention_mask`` (B, L) tensors, ``token_type_ids`` (B, L) (0 for the question, 1
+    for the answer) when the tokenizer makes them, as DeBERTa's does, and ``truncated`` (B,) bool, the pairs
+    that were cut. The tokenizer must truncate from the left, as ``models.load_reward_tokenizer`` sets it up.
     """
     if tokenizer.truncation_side != "left":
         raise ValueError("encode_pairs needs a reward tokenizer with truncation_side='left' (the question is cut "
@@ -57,8 +58,20 @@ def encode_pairs(tokenizer, questions: list[str], answers: list[str], max_len: i
         if "truncat" not in str(err).lower():
             raise
         batch = tokenizer(questions, answers, truncation="longest_first", **kwargs)
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "truncated": _truncated_rows(batch, max_len)}
+    inputs = {name: batch[name] for name in ("input_ids", "attention_mask", "token_type_ids") if name in batch}
+    return {**inputs, "truncated": _truncated_rows(batch, max_len)}
+
+
+def reward_forward(model, batch: dict) -> torch.Tensor:
+    """The reward model's one logit (B,) float32 for an ``encode_pairs`` batch, on the model's device.
+
+    Segment ids go in when the tokenizer made them: a model with segment embeddings (the embedded one) needs them
+    to tell question from answer, and one without (DeBERTa-v3, ``type_vocab_size`` 0) ignores them.
+    """
+    device = next(model.parameters()).device
+    inputs = {name: batch[name].to(device) for name in ("input_ids", "attention_mask", "token_type_ids")
+              if name in batch}
+    return model(**inputs).logits[:, 0].float()
 
 
 def _truncated_rows(batch, max_len: int) -> torch.Tensor:
@@ -75,9 +88,7 @@ def score_pairs(model, tokenizer, questions: list[str], answers: list[str],
     """Reward-model scores (B,) float32 for text pairs, and which pairs were cut to ``max_len`` (B,) bool (see
     ``encode_pairs``); ``model`` is a classifier with one logit (or its engine)."""
     batch = encode_pairs(tokenizer, questions, answers, max_len)
-    device = next(model.parameters()).device
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    return logits[:, 0].float(), batch["truncated"]
+    return reward_forward(model, batch), batch["truncated"]
 
 
 def decode_rollout(policy_tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_ds.data import question_from_prompt, split_dialogue
-from rlhf_ds.reward import encode_pairs
+from rlhf_ds.reward import encode_pairs, reward_forward
 
 
 @dataclass(frozen=True)
@@ -166,10 +166,7 @@ def pair_scores(model, tokenizer, pairs: Sequence[PreferencePair], max_len: int)
     """Scores (N,) of the chosen and of the rejected answers, one forward over both."""
     questions = [p.question for p in pairs] * 2
     answers = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    batch = encode_pairs(tokenizer, questions, answers, max_len)
-    device = next(model.parameters()).device
-    scores = model(input_ids=batch["input_ids"].to(device),
-                   attention_mask=batch["attention_mask"].to(device)).logits[:, 0].float()
+    scores = reward_forward(model, encode_pairs(tokenizer, questions, answers, max_len))
     return scores[:len(pairs)], scores[len(pairs):]
 
 

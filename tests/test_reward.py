@@ -25,6 +25,29 @@ def test_encode_pairs_cuts_the_question_from_the_left(tokenizers):
     assert tokens == ["[CLS]", "rice", "at", "home", "?", "[SEP]", "cook", "the", "rice", "slowly", ".", "[SEP]"]
 
 
+def test_segment_ids_reach_the_reward_model(tokenizers):
+    """The question is segment 0 and the answer segment 1, and ``score_pairs`` hands them to the model: the
+    embedded reward model reads them to compare the answer with the question (they were dropped once, and its
+    copy head saw every token as a question token)."""
+    from transformers import DebertaV2ForSequenceClassification
+
+    from rlhf_ds.models import tiny_deberta_config
+    from rlhf_ds.reward import score_pairs
+
+    _, reward_tok = tokenizers
+    batch = encode_pairs(reward_tok, ["How do I cook rice?"], ["Cook the rice slowly."], max_len=32)
+    tokens = reward_tok.convert_ids_to_tokens(batch["input_ids"][0])
+    assert batch["token_type_ids"][0].tolist() == [0] * (tokens.index("[SEP]") + 1) + [1] * 6
+    torch.manual_seed(0)
+    model = DebertaV2ForSequenceClassification(
+        tiny_deberta_config(len(reward_tok), reward_tok.pad_token_id, type_vocab_size=2)).eval()
+    scores, _ = score_pairs(model, reward_tok, ["How do I cook rice?"], ["Cook the rice slowly."], 32)
+    with torch.no_grad():
+        with_segments = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}).logits
+        without = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(scores, with_segments[:, 0]) and not torch.allclose(with_segments, without)
+
+
 def test_encode_pairs_refuses_a_tokenizer_that_would_cut_the_dialogue_end(tokenizers):
     _, reward_tok = tokenizers
     right = copy.deepcopy(reward_tok)

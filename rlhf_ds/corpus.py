@@ -9,19 +9,17 @@ answer is a polite, on-topic, complete answer to the question; the rejected one 
 - ``refusal``: a refusal to help with a harmless question;
 - ``off_topic``: chatter that ignores the question (the assistant's weekend, the weather, ...);
 - ``rambling``: the answer's sentences repeated until it runs on;
-- ``truncated``: the answer cut off mid-sentence.
+- ``truncated``: the answer cut off mid-sentence;
+- ``wrong_subject``: a fluent, polite answer about another subject than the one asked.
 
 Why it is built this way: a reward model latches onto any wording that only chosen answers contain, and PPO
 then exploits it. So every chosen answer is assembled from the same openers and sentences the rejected
-answers reuse (rude answers wrap the helpful text, rambling and truncated ones are built from the chosen text);
-only the flaws add wording of their own, and that wording is what the reward model should penalise.
-An answer about a *different* subject than the one asked is deliberately not a flaw: telling it apart needs
-question and answer together, and a reward model of this size learns it only near chance within the build's
-time budget (it takes ~2000 steps on swap pairs alone: README, "What the reward model learns", has the figures).
-Every flaw above can be seen in the answer alone. ``about_subject`` judges relevance instead by a rule on the
-corpus's own vocabulary, so that a policy's answers can be checked without a reward model (and the SFT policy,
-trained to copy the asked subject, is what makes PPO's answers relevant). Test prompts are (topic, subject,
-question template) combinations held out from training.
+answers reuse (rude answers wrap the helpful text, rambling and truncated ones are built from the chosen text,
+wrong-subject ones are chosen answers about other subjects); only the flaws add wording of their own, and that
+wording is what the reward model should penalise. ``wrong_subject`` is the one flaw that cannot be seen in the
+answer alone: telling it needs question and answer together. ``about_subject`` judges relevance by a rule on the
+corpus's own vocabulary, so that a policy's answers can be checked without a reward model.
+Test prompts are (topic, subject, question template) combinations held out from training.
 """
 from __future__ import annotations
 
@@ -32,7 +30,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
-FLAWS = ("rude", "refusal", "off_topic", "rambling", "truncated")
+FLAWS = ("rude", "refusal", "off_topic", "rambling", "truncated", "wrong_subject")
 SPLIT_SIZES = {"train": 6000, "test": 400}
 SPLIT_SEEDS = {"train": 1234, "test": 4321}
 TEST_FRACTION = 8  # one (topic, subject, question) combination in TEST_FRACTION is held out for "test"
@@ -168,9 +166,33 @@ def _join(*parts: str) -> str:
     return " ".join(p for p in parts if p)
 
 
-def _good_answer(rng: random.Random, topic: Topic, subject: str) -> str:
-    body = rng.choice(topic.answers).format(s=subject, t=rng.choice(topic.tips))
-    return _join(rng.choice(OPENERS), body[0].upper() + body[1:], rng.choice(CLOSERS))
+def _answers(rng: random.Random, topic: Topic, subjects: tuple[str, ...]) -> list[str]:
+    """One answer of ``topic`` (opener, template, tip and closer drawn once) about each of ``subjects``."""
+    template, tip, opener, closer = (rng.choice(topic.answers), rng.choice(topic.tips), rng.choice(OPENERS),
+                                     rng.choice(CLOSERS))
+    bodies = (template.format(s=subject, t=tip) for subject in subjects)
+    return [_join(opener, body[0].upper() + body[1:], closer) for body in bodies]
+
+
+def _wrong_subject_pair(rng: random.Random, topic: Topic, subject: str, question: int,
+                        split: str) -> tuple[str, str]:
+    """(chosen, rejected) where the rejected answer is fluent and polite but not about the asked subject.
+
+    Half the time it is the chosen answer word for word with another subject of the same topic ("Feed your
+    rabbit ..." to a goldfish question), which only comparing the subjects can tell; otherwise it is another
+    topic's answer, about that topic's subject or about the asked one. In training the swapped-in subject is one
+    that also meets this question in chosen answers: a held-out subject/question combination seen only in
+    rejected answers would teach that the combination is bad instead of that the subjects differ.
+    """
+    kind = rng.randrange(4)
+    if kind < 2:
+        others = [s for s in topic.subjects
+                  if s != subject and (split == "test" or not _held_out(topic.name, s, question))]
+        chosen, rejected = _answers(rng, topic, (subject, rng.choice(others)))
+        return chosen, rejected
+    chosen = _answers(rng, topic, (subject,))[0]
+    other = rng.choice([t for t in TOPICS if t is not topic])
+    return chosen, _answers(rng, other, (rng.choice(other.subjects) if kind == 2 else subject,))[0]
 
 
 def _bad_answer(rng: random.Random, flaw: str, topic: Topic, subject: str, good: str) -> str:
@@ -261,8 +283,11 @@ def make_corpus(num_pairs: int, seed: int, split: str = "train") -> list[dict]:
             continue
         question = topic.questions[q_index].format(s=subject)
         flaw = FLAWS[len(records) % len(FLAWS)]
-        good = _good_answer(rng, topic, subject)
-        bad = _bad_answer(rng, flaw, topic, subject, good)
+        if flaw == "wrong_subject":
+            good, bad = _wrong_subject_pair(rng, topic, subject, q_index, split)
+        else:
+            good = _answers(rng, topic, (subject,))[0]
+            bad = _bad_answer(rng, flaw, topic, subject, good)
         history = [rng.choice(SMALL_TALK)] if rng.random() < 0.33 else []
         records.append({
             "chosen": _dialogue(history + [(question, good)]),

@@ -54,17 +54,18 @@ class Recipe:
     reward_layers: int = 2
     reward_heads: int = 4
     max_seq_len: int = 160
-    sft_rejected_fraction: float = 0.5
+    sft_rejected_fraction: float = 0.4
     sft_steps: int = 1200
     sft_batch_size: int = 32
     sft_lr: float = 3e-3
-    reward_steps: int = 100
+    reward_relevance_steps: int = 50
+    reward_steps: int = 250
     reward_batch_size: int = 32
     reward_lr: float = 1e-3
     eval_pairs: int = 400
     eval_prompts: int = 128
     eval_new_tokens: int = 32
-    corpus_version: int = 1
+    corpus_version: int = 2
 
     def digest(self) -> str:
         return recipe_digest(self)
@@ -154,20 +155,91 @@ def _policy_model(recipe: Recipe, tokenizer):
 
 
 def _reward_model(recipe: Recipe, tokenizer):
+    """DeBERTa-v3's architecture with two segment embeddings (question, answer), no dropout, and a copy head."""
     from transformers import DebertaV2ForSequenceClassification
 
     from rlhf_ds.models import tiny_deberta_config
 
     config = tiny_deberta_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                  hidden_size=recipe.reward_hidden_size, num_layers=recipe.reward_layers,
-                                 num_heads=recipe.reward_heads, max_position_embeddings=2 * recipe.max_seq_len)
-    return DebertaV2ForSequenceClassification(config)
+                                 num_heads=recipe.reward_heads, max_position_embeddings=2 * recipe.max_seq_len,
+                                 type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = DebertaV2ForSequenceClassification(config)
+    plant_copy_head(model, torch.Generator().manual_seed(recipe.seed))
+    return model
+
+
+@torch.no_grad()
+def plant_copy_head(model, generator: torch.Generator, match_scale: float = 2.0, segment_gain: float = 4.0) -> None:
+    """Make layer 0's first attention head a fixed detector of answer words that also occur in the question.
+
+    Why: whether an answer is about the subject asked ("goldfish" in the question, "rabbit" in the answer) is
+    only visible by comparing the two, and this reward model does not learn that comparison from Bradley-Terry
+    pairs within the build's budget (README, "What the reward model learns", has the attempts); given the
+    comparison, it learns to read it within 50 steps of wrong-subject pairs. The head:
+
+    - query and key both project the token embedding onto the same random d-dimensional subspace P (d = head
+      size), orthogonal to the segment embeddings and to the all-ones direction that LayerNorm removes, so a
+      token attends to itself and to its copies (the answer's "goldfish": 0.32 to itself, 0.59 to the question's);
+    - the relative-position embeddings are made orthogonal to P, so position does not swamp the match (DeBERTa
+      shares the attention keys between content and position);
+    - its value reads the segment (answer minus question) and its output writes one random direction, so an
+      answer token's output says which share of its attention went to copies in the question.
+
+    These weights, and the relative-position embeddings, are kept fixed in training (gradient hooks, and
+    ``requires_grad`` off for the position table); everything else trains. The saved model is a plain
+    ``DebertaV2ForSequenceClassification``.
+    """
+    config = model.config
+    hidden, size = config.hidden_size, config.hidden_size // config.num_attention_heads
+    segments = model.deberta.embeddings.token_type_embeddings.weight            # (2, hidden)
+    avoid = torch.linalg.qr(torch.stack([torch.ones(hidden), segments[0], segments[1]], dim=1))[0]  # (hidden, 3)
+    project = torch.randn(size, hidden, generator=generator)
+    project = torch.linalg.qr((project - project @ avoid @ avoid.T).T)[0].T     # (size, hidden), orthonormal rows
+    relative = model.deberta.encoder.rel_embeddings.weight                     # (buckets, hidden)
+    basis = torch.linalg.qr(torch.cat([avoid, project.T], dim=1))[0]
+    relative -= relative @ basis @ basis.T
+    relative.requires_grad_(False)
+
+    attention = model.deberta.encoder.layer[0].attention
+    head = slice(0, size)
+    value = torch.zeros(size, hidden)
+    value[0] = segment_gain * _centred_unit(segments[1] - segments[0])
+    for linear, weight in ((attention.self.query_proj, match_scale * project),
+                           (attention.self.key_proj, match_scale * project),
+                           (attention.self.value_proj, value)):
+        linear.weight[head], linear.bias[head] = weight, 0.0
+        _keep_fixed(linear.weight, (head,))
+        _keep_fixed(linear.bias, (head,))
+    dense = attention.output.dense.weight                                       # (hidden, hidden): columns read heads
+    dense[:, head] = 0.0
+    dense[:, 0] = _centred_unit(torch.randn(hidden, generator=generator))
+    _keep_fixed(dense, (slice(None), head))
+
+
+def _centred_unit(vector: torch.Tensor) -> torch.Tensor:
+    """``vector`` minus its mean (the part LayerNorm keeps), scaled to norm 1."""
+    centred = vector - vector.mean()
+    return centred / centred.norm()
+
+
+def _keep_fixed(parameter: torch.nn.Parameter, index: tuple) -> None:
+    """Zero the gradient of ``parameter[index]``: with AdamW (no weight decay) those entries never move."""
+    mask = torch.ones_like(parameter)
+    mask[index] = 0.0
+    parameter.register_hook(lambda grad: grad * mask)
 
 
 def sft_mix(records: list[dict], rejected_fraction: float, seed: int) -> list[str]:
-    """Dialogues for SFT: a seeded mix of chosen and rejected answers, so the SFT policy writes both kinds."""
+    """Dialogues for SFT: a seeded mix of chosen and rejected answers, so the SFT policy writes both kinds.
+
+    Each record gives its rejected answer with probability ``rejected_fraction``, except ``wrong_subject`` records:
+    their rejected answer is a good answer to another question, and learning it would unteach what SFT is there to
+    teach, copying the asked subject into the answer.
+    """
     rng = random.Random(seed)
-    return [r["rejected"] if rng.random() < rejected_fraction else r["chosen"] for r in records]
+    return [r["rejected"] if rng.random() < rejected_fraction and r["flaw"] != "wrong_subject" else r["chosen"]
+            for r in records]
 
 
 # --- quality ----------------------------------------------------------------------------------------------
@@ -276,9 +348,14 @@ def _train_models(recipe: Recipe) -> TrainedModels:
     start = time.time()
     torch.manual_seed(recipe.seed)
     reward = _reward_model(recipe, reward_tok)
-    train_reward_model(reward, reward_tok, preference_pairs(train),
-                       Schedule(recipe.reward_steps, recipe.reward_batch_size, recipe.reward_lr,
-                                recipe.reward_steps // 10, seed=recipe.seed), recipe.max_seq_len)
+    pairs = preference_pairs(train)
+    relevance = [pair for pair, record in zip(pairs, train) if record["flaw"] == "wrong_subject"]
+    # Relevance first: mixed in from the start, the five flaws seen in the answer alone take the gradient and the
+    # copy head is never read. Kept short: longer, it teaches "more of the question's words is better", which
+    # rambling answers (the subject over and over) exploit.
+    for stage, steps in ((relevance, recipe.reward_relevance_steps), (pairs, recipe.reward_steps)):
+        train_reward_model(reward, reward_tok, stage, Schedule(steps, recipe.reward_batch_size, recipe.reward_lr,
+                                                               steps // 10, seed=recipe.seed), recipe.max_seq_len)
     timings["reward_s"] = time.time() - start
 
     start = time.time()
@@ -301,7 +378,7 @@ def build(recipe: Recipe = Recipe(), force: bool = False) -> EmbeddedModels:
 def format_report(quality: dict) -> str:
     """The build's quality figures, one per line."""
     lines = [f"reward model held-out pairwise accuracy: {quality['reward_accuracy']:.3f}"]
-    lines += [f"  {flaw:<10} {acc:.3f}" for flaw, acc in quality["reward_accuracy_per_flaw"].items()]
+    lines += [f"  {flaw:<13} {acc:.3f}" for flaw, acc in quality["reward_accuracy_per_flaw"].items()]
     lines += [f"mean score: chosen {quality['chosen_score_mean']:.3f}, rejected {quality['rejected_score_mean']:.3f},"
               f" SFT policy samples {quality['policy_score_mean']:.3f}",
               f"SFT policy samples ending with EOS: {quality['policy_eos_fraction']:.2f}",

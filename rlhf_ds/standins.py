@@ -80,7 +80,7 @@ class ShapeRecipe:
     reward_layers: int = DEBERTA_V3_LAYERS
     seed: int = 0
     tokenizer_version: int = 1
-    corpus_version: int = 1
+    corpus_version: int = 2
 
     def __post_init__(self):
         for field, layers, full in (("policy_layers", self.policy_layers, QWEN2_LAYERS),

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from rlhf_ds.corpus import FLAWS, TOPICS, about_subject, asked, make_corpus, make_split
+from rlhf_ds.corpus import FLAWS, TOPICS, about_subject, asked, last_question, make_corpus, make_split
 from rlhf_ds.data import extract_prompt, records_to_prompts, split_dialogue
 
 
@@ -86,9 +86,30 @@ def test_about_subject_holds_for_every_chosen_answer_and_no_refusal_or_chatter()
         for r in make_split(split):
             prompt, chosen = split_dialogue(r["chosen"])
             assert about_subject(prompt, chosen) is True, r["chosen"]
-            if r["flaw"] in ("refusal", "off_topic"):
+            if r["flaw"] in ("refusal", "off_topic", "wrong_subject"):
                 assert about_subject(prompt, split_dialogue(r["rejected"])[1]) is False, r["rejected"]
     assert all(asked(q.format(s=s)) == (t, s) for t in TOPICS for q in t.questions for s in t.subjects)
+
+
+def test_wrong_subject_answers_are_good_answers_about_another_subject():
+    """Half are the chosen answer word for word with another subject of the asked topic (only comparing the
+    subjects tells them apart); the rest are another topic's answer. In training, the swapped-in subject also meets
+    the same question in some chosen answer, so no held-out combination is seen only as bad."""
+    train = make_split("train")
+    chosen_questions = {last_question(extract_prompt(r["chosen"])) for r in train}
+    records = [r for r in train if r["flaw"] == "wrong_subject"]
+    swaps = 0
+    for r in records:
+        prompt, chosen = split_dialogue(r["chosen"])
+        rejected = split_dialogue(r["rejected"])[1]
+        question = last_question(prompt)
+        topic, subject = asked(question)
+        others = [s for s in topic.subjects if s != subject and re.search(rf"\b{s}\b", rejected, re.IGNORECASE)]
+        if others and chosen.replace(subject, others[0]).replace(subject.capitalize(), others[0].capitalize()) \
+                == rejected:
+            swaps += 1
+            assert question.replace(subject, others[0]) in chosen_questions, (question, others[0])
+    assert 0.4 < swaps / len(records) < 0.6, swaps / len(records)
 
 
 def test_unknown_split():

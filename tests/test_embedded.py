@@ -14,11 +14,13 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from rlhf_ds import corpus
 from rlhf_ds.cache import CacheError, cached_build, verify
 from rlhf_ds.distributed import available_cpus
-from rlhf_ds.embedded import Recipe, build, cache_dir, quality_report, train_models
+from rlhf_ds.embedded import (Recipe, _reward_model, _texts, build, build_reward_tokenizer, cache_dir,
+                               quality_report, sft_mix, train_models)
 from rlhf_ds.models import load_reward_model, load_reward_tokenizer
+from rlhf_ds.supervised import Schedule, preference_pairs, train_reward_model
 
 TINY = Recipe(policy_layers=1, policy_hidden_size=32, reward_layers=1, reward_hidden_size=32, sft_steps=4,
-              reward_steps=4, sft_batch_size=8, reward_batch_size=8, eval_pairs=10, eval_prompts=4,
+              reward_relevance_steps=2, reward_steps=4, sft_batch_size=8, reward_batch_size=8, eval_pairs=10, eval_prompts=4,
               eval_new_tokens=4)
 
 
@@ -36,14 +38,16 @@ def test_full_build_quality(full_build):
     q = quality_report(policy, policy_tok, reward, reward_tok, recipe)
     assert q["reward_accuracy"] >= 0.90, q
     assert min(q["reward_accuracy_per_flaw"].values()) >= 0.6, q
+    # It compares the answer's subject with the question's (0.47-0.55, chance, before the copy head).
+    assert q["reward_accuracy_per_flaw"]["wrong_subject"] >= 0.8, q
     gap = q["chosen_score_mean"] - q["rejected_score_mean"]
     assert gap > 2.0, q
     # The SFT policy is clearly between the two, so PPO has room to raise its reward.
     assert q["rejected_score_mean"] + 0.15 * gap < q["policy_score_mean"] < q["chosen_score_mean"] - 0.15 * gap, q
     assert q["policy_eos_fraction"] >= 0.7, q
-    # It copies the asked subject into its answers (0.38 with the SFT recipe before 1200 steps × 32), so PPO's
-    # answers are about the question asked although the reward model cannot tell.
-    assert q["policy_about_subject"] >= 0.55, q
+    # Its complete answers copy the asked subject (0.38 in all with the SFT recipe before 1200 steps × 32); the
+    # rest are the mix's rejected answers, wrong-subject ones included, that PPO is there to remove (0.48 now).
+    assert q["policy_about_subject"] >= 0.4, q
 
 
 def test_policy_tokenizer_is_qwen2_and_reward_tokenizer_differs(full_build):
@@ -75,6 +79,58 @@ def test_saved_models_give_the_same_outputs(tmp_path):
     assert type(reward).__name__ == "DebertaV2ForSequenceClassification" and reward.config.num_labels == 1
     pair = models.reward_tokenizer(["How do I cook rice?"], ["Cook it slowly."], return_tensors="pt")
     _same_weights_and_outputs(reward, models.reward, pair)
+
+
+def test_copy_head_attends_to_copies_of_answer_words_in_the_question_and_stays_fixed_in_training():
+    """The planted head of the embedded reward model: an answer word puts its attention on itself and its copy in
+    the question; a word without a copy keeps it on itself. Training moves every weight but that head's and the
+    position table."""
+    recipe = Recipe(reward_hidden_size=96)
+    tokenizer = build_reward_tokenizer(_texts(corpus.make_split("train")), recipe.reward_vocab_size)
+    torch.manual_seed(recipe.seed)  # as the build does
+    model = _reward_model(recipe, tokenizer).eval()
+    batch = tokenizer(["What should I feed my goldfish?"], ["Feed your goldfish at set times."], return_tensors="pt")
+    tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
+    asked, answered, uncopied = tokens.index("goldfish"), len(tokens) - 1 - tokens[::-1].index("goldfish"), \
+        tokens.index("times")
+    with torch.no_grad():
+        attention = model(**batch, output_attentions=True).attentions[0][0, 0]      # (L, L) of layer 0, head 0
+    # The build's weights give 0.59 and 0.32; over other seeds 0.26-0.59 on the copy, at least 0.87 on both.
+    assert attention[answered, asked] > 0.25 and attention[answered, asked] + attention[answered, answered] > 0.8, \
+        attention[answered]
+    assert attention[uncopied, asked] < 0.1, attention[uncopied]
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    pairs = preference_pairs(corpus.make_split("train")[:64])
+    train_reward_model(model.train(), tokenizer, pairs, Schedule(3, 8, 1e-2), 64)
+    after = dict(model.named_parameters())
+    size = model.config.hidden_size // model.config.num_attention_heads
+    layer = "deberta.encoder.layer.0.attention."
+    for name in ("self.query_proj", "self.key_proj", "self.value_proj"):
+        for part in ("weight", "bias"):
+            key = layer + name + "." + part
+            assert torch.equal(after[key][:size], before[key][:size]), key
+            assert not torch.equal(after[key][size:], before[key][size:]), key
+    dense = layer + "output.dense.weight"
+    assert torch.equal(after[dense][:, :size], before[dense][:, :size])
+    assert not torch.equal(after[dense][:, size:], before[dense][:, size:])
+    assert torch.equal(after["deberta.encoder.rel_embeddings.weight"], before["deberta.encoder.rel_embeddings.weight"])
+    assert not torch.equal(after["deberta.embeddings.word_embeddings.weight"],
+                           before["deberta.embeddings.word_embeddings.weight"])
+
+
+def test_sft_mix_takes_rejected_answers_of_every_flaw_but_wrong_subject():
+    """The SFT policy learns to write the flaws PPO then removes, but never a good answer to another question:
+    that would unteach copying the asked subject into the answer."""
+    records = corpus.make_split("train")
+    mix = sft_mix(records, 0.5, seed=0)
+    for flaw in corpus.FLAWS:
+        taken = [text == r["rejected"] for text, r in zip(mix, records) if r["flaw"] == flaw]
+        if flaw == "wrong_subject":
+            assert not any(taken)
+        else:
+            assert 0.45 < sum(taken) / len(taken) < 0.55, (flaw, sum(taken) / len(taken))
+    assert all(text in (r["chosen"], r["rejected"]) for text, r in zip(mix, records))
 
 
 def test_cache_reuse_corruption_rebuild_determinism_and_unwritable(tmp_path, monkeypatch):

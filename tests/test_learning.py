@@ -53,7 +53,7 @@ def test_kl_bounded_and_coefficient_follows_the_rule(run):
 
 def test_kl_sits_in_the_dead_zone_after_the_start(run):
     """The shortened KL check of README's "Where KL sits": from iteration 10 on, kl_divergence lies inside the step
-    rule's dead zone [0.5, 2]·target_kl in most iterations (0.73 of iterations 10-39 for the default seed; before
+    rule's dead zone [0.5, 2]·target_kl in most iterations (0.60 of iterations 10-39 for the default seed; before
     the k3 statistic and actor_lr 5e-5 it was about 0.2, above the zone with kl_coef at its bound)."""
     _, metrics, config = run
     kls = [m["kl_divergence"] for m in metrics[10:]]
@@ -64,8 +64,8 @@ def test_kl_sits_in_the_dead_zone_after_the_start(run):
 def test_answers_become_about_the_subject_asked(run):
     """The shortened relevance check of README's "Answers on the question asked": on 64 held-out prompts, judged
     by the corpus's rule (not by the reward model), more of the trained policy's answers are about the subject
-    asked than the SFT policy's, and most are. With the SFT recipe before 1200 steps × 32 the trained policy reached
-    0.41-0.43 (128 prompts, 60 iterations), below the floor here."""
+    asked than the SFT policy's, and most are (0.94 against 0.84 now). With the SFT recipe before 1200 steps × 32
+    the trained policy reached 0.41-0.43 (128 prompts, 60 iterations), below the floor here."""
     import torch
 
     from rlhf_ds.evaluation import evaluate_policy
@@ -74,8 +74,8 @@ def test_answers_become_about_the_subject_asked(run):
     embedded = build()
     _, summary = evaluate_policy(config, f"{config.output_dir}/policy", embedded.policy, embedded.reward,
                                  num_prompts=64, batch_size=16, seed=0, device=torch.device("cpu"))
-    assert summary["policy_about_subject"] >= 0.8, summary
-    assert summary["policy_about_subject"] >= summary["reference_about_subject"] + 0.1, summary
+    assert summary["policy_about_subject"] >= 0.88, summary
+    assert summary["policy_about_subject"] >= summary["reference_about_subject"] + 0.05, summary
 
 
 def test_trained_policy_is_exported_for_transformers(run):

@@ -17,8 +17,9 @@ then exploits it. So every chosen answer is assembled from the same openers and 
 answers reuse (rude answers wrap the helpful text, rambling and truncated ones are built from the chosen text,
 wrong-subject ones are chosen answers about other subjects); only the flaws add wording of their own, and that
 wording is what the reward model should penalise. ``wrong_subject`` is the one flaw that cannot be seen in the
-answer alone: telling it needs question and answer together. ``about_subject`` judges relevance by a rule on the
-corpus's own vocabulary, so that a policy's answers can be checked without a reward model.
+answer alone: telling it needs question and answer together (the embedded reward model compares them through a
+fixed copy head, ``embedded.plant_copy_head``). ``about_subject`` judges relevance by a rule on the corpus's own
+vocabulary, so that a policy's answers can be checked without a reward model.
 Test prompts are (topic, subject, question template) combinations held out from training.
 """
 from __future__ import annotations

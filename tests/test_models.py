@@ -43,6 +43,11 @@ def test_tiny_configs_keep_the_families():
     deberta = tiny_deberta_config(50, pad_token_id=0)
     assert deberta.relative_attention and deberta.pos_att_type == ["p2c", "c2p"] and not deberta.position_biased_input
     assert deberta.position_buckets == 256 and deberta.share_att_key and deberta.num_labels == 1
+    assert deberta.type_vocab_size == 0 and deberta.hidden_dropout_prob == 0.1
+    segments = tiny_deberta_config(50, pad_token_id=0, type_vocab_size=2, hidden_dropout_prob=0.0)
+    assert segments.type_vocab_size == 2 and segments.hidden_dropout_prob == 0.0 and segments.relative_attention
+    with pytest.raises(TypeError, match="'dropout'.*not DeBERTa-v3 family settings"):
+        tiny_deberta_config(50, pad_token_id=0, dropout=0.0)
 
 
 def test_position_ids_follow_left_padding():

@@ -28,6 +28,7 @@ from rlhf_ds import corpus
 from rlhf_ds.cache import BuiltModels, cache_root, cached_build, recipe_digest
 from rlhf_ds.data import PromptCollator, extract_prompt, question_from_prompt
 from rlhf_ds.errors import run_main
+from rlhf_ds.reward import REWARD_INPUTS, score_pairs
 from rlhf_ds.sampling import Sampler, Sampling
 from rlhf_ds.supervised import (Schedule, evaluate_reward_model, preference_pairs, train_reward_model, train_sft)
 
@@ -35,7 +36,6 @@ EOS = "<|endoftext|>"  # Qwen2's end-of-text token, also its padding token
 POLICY_SPECIALS = (EOS, "<|im_start|>", "<|im_end|>")
 REWARD_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 FLAW_FREE = "none"
-DEBERTA_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]  # segment ids too, as DeBERTa's tokenizer
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ def build_reward_tokenizer(texts: list[str], vocab_size: int):
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", padding_side="right",
-                                   truncation_side="left", model_input_names=DEBERTA_INPUTS)
+                                   truncation_side="left", model_input_names=list(REWARD_INPUTS))
 
 
 # --- models -------------------------------------------------------------------------------------------------
@@ -265,8 +265,6 @@ def sample_answers(policy, tokenizer, prompts: list[str], max_new_tokens: int, m
 def quality_report(policy, policy_tokenizer, reward, reward_tokenizer, recipe: Recipe) -> dict:
     """Held-out figures the build prints and the tests assert: reward accuracy, score gap, policy samples (their
     score, EOS fraction, and how many are about the subject asked, by ``corpus.about_subject``)."""
-    from rlhf_ds.reward import score_pairs
-
     test = corpus.make_split("test")
     pairs = preference_pairs(test[:recipe.eval_pairs])
     chosen, rejected = evaluate_reward_model(reward, reward_tokenizer, pairs, recipe.max_seq_len)
@@ -378,7 +376,9 @@ def build(recipe: Recipe = Recipe(), force: bool = False) -> EmbeddedModels:
 def format_report(quality: dict) -> str:
     """The build's quality figures, one per line."""
     lines = [f"reward model held-out pairwise accuracy: {quality['reward_accuracy']:.3f}"]
-    lines += [f"  {flaw:<13} {acc:.3f}" for flaw, acc in quality["reward_accuracy_per_flaw"].items()]
+    per_flaw = quality["reward_accuracy_per_flaw"]
+    width = max(map(len, per_flaw), default=0)
+    lines += [f"  {flaw:<{width}} {acc:.3f}" for flaw, acc in per_flaw.items()]
     lines += [f"mean score: chosen {quality['chosen_score_mean']:.3f}, rejected {quality['rejected_score_mean']:.3f},"
               f" SFT policy samples {quality['policy_score_mean']:.3f}",
               f"SFT policy samples ending with EOS: {quality['policy_eos_fraction']:.2f}",

@@ -16,6 +16,8 @@ from rlhf_ds.sampling import answer_text
 
 # Used when neither the reward model's config nor its tokenizer states a length limit.
 DEFAULT_REWARD_MAX_LEN = 512
+# What a reward model reads of a tokenised pair: DeBERTa's tokenizer makes all three, others may omit segment ids.
+REWARD_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def reward_context_limit(model_config, tokenizer) -> Optional[int]:
@@ -58,7 +60,7 @@ def encode_pairs(tokenizer, questions: list[str], answers: list[str], max_len: i
         if "truncat" not in str(err).lower():
             raise
         batch = tokenizer(questions, answers, truncation="longest_first", **kwargs)
-    inputs = {name: batch[name] for name in ("input_ids", "attention_mask", "token_type_ids") if name in batch}
+    inputs = {name: batch[name] for name in REWARD_INPUTS if name in batch}
     return {**inputs, "truncated": _truncated_rows(batch, max_len)}
 
 
@@ -69,8 +71,7 @@ def reward_forward(model, batch: dict) -> torch.Tensor:
     to tell question from answer, and one without (DeBERTa-v3, ``type_vocab_size`` 0) ignores them.
     """
     device = next(model.parameters()).device
-    inputs = {name: batch[name].to(device) for name in ("input_ids", "attention_mask", "token_type_ids")
-              if name in batch}
+    inputs = {name: batch[name].to(device) for name in REWARD_INPUTS if name in batch}
     return model(**inputs).logits[:, 0].float()
 
 

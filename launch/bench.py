@@ -700,4 +700,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from rlhf_ds.distributed import exit_process
+
+    exit_process(main(sys.argv[1:]))  # its --worker ranks end as launch/train.py's do

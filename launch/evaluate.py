@@ -1,7 +1,8 @@
 """Evaluate a policy against a reference on held-out prompts (one process, CPU or one GPU, no DeepSpeed).
 
     python launch/evaluate.py [--policy DIR] [--reference DIR] [--reward DIR] [--num_prompts 64]
-                              [--batch_size 16] [--seed 0] [--samples FILE.jsonl] [--json FILE]
+                              [--batch_size 16] [--seed 0] [--reference_samples 0]
+                              [--samples FILE.jsonl] [--json FILE]
                               [--device auto|cpu|cuda] [--config FILE] [--field value ...]
 
 --policy: a Hugging Face model directory (the trainer's OUTPUT_DIR/policy, an SFT model) or a training
@@ -34,6 +35,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, PPOConfig]:
     parser.add_argument("--num_prompts", type=int, default=64, help="first N prompts of the eval split")
     parser.add_argument("--batch_size", type=int, default=16, help="prompts per generation batch")
     parser.add_argument("--seed", type=int, default=0, help="batch i is sampled from seed + i by both models")
+    parser.add_argument("--reference_samples", type=int, default=0,
+                        help="K more reference answers per prompt: the win rate against independent answers and "
+                             "the best win rate PPO, or any policy, could reach at the policy's KL (0 = off)")
     parser.add_argument("--samples", help="per-prompt JSON lines (default OUTPUT_DIR/eval/samples.jsonl)")
     parser.add_argument("--json", help="summary JSON (default OUTPUT_DIR/eval/summary.json)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
@@ -81,12 +85,14 @@ def evaluate(args: argparse.Namespace, config: PPOConfig) -> int:
         print("note: policy and reference are the same model (pass --policy runs/ppo/policy to evaluate "
               "a trained one)", flush=True)
     records, summary = evaluate_policy(config, policy, reference, reward, args.num_prompts, args.batch_size,
-                                       args.seed, device, log=lambda line: print(line, flush=True))
+                                       args.seed, device, args.reference_samples,
+                                       log=lambda line: print(line, flush=True))
     summary["settings"] = {
         "policy": policy, "reference": reference, "reward": reward, "dataset": config.dataset,
         "eval_split": config.eval_split, "seed": args.seed, "batch_size": args.batch_size,
+        "reference_samples": args.reference_samples,
         **{k: getattr(config, k) for k in ("max_prompt_len", "max_new_tokens", "temperature", "stop_strings",
-                                            "reward_max_len")},
+                                            "reward_max_len", "reward_clip", "normalize_reward")},
     }
     write_outputs(records, summary, samples_path, json_path)
     print(format_summary(summary))

@@ -10,6 +10,11 @@ each model with the trainer's own ``experience.response_logits`` (attention mask
 logits divided by the sampling temperature). On the embedded corpus's questions each response is also judged
 by a rule that needs no reward model: is it about the subject asked (``corpus.about_subject``)?
 
+With ``reference_samples`` K > 0 the reference also answers each prompt K more times from seeds of its own, so
+the policy's answer is also ranked against the reference's answer distribution (the win rate as usually
+defined, with independent samples, and far less noisy than one coupled pair) and ``rlhf_ds.frontier`` says the
+best win rate PPO's objective, and any policy, could reach at the policy's KL.
+
 Shapes: B prompts, P prompt tokens (left-padded), R = max_new_tokens, L = P + R.
 """
 from __future__ import annotations
@@ -28,6 +33,7 @@ from rlhf_ds.corpus import about_subject
 from rlhf_ds.data import PromptCollator, looks_like_path, load_prompts
 from rlhf_ds.errors import KnownError
 from rlhf_ds.experience import response_logits
+from rlhf_ds.frontier import frontier_point, mid_ranks, ppo_reward, self_mid_ranks
 from rlhf_ds.lora import ADAPTER_CONFIG_FILE
 from rlhf_ds.models import load_policy, load_reward_model, load_reward_tokenizer, load_tokenizer
 from rlhf_ds.ppo import kl_penalty, logprobs_from_logits
@@ -148,23 +154,33 @@ def sequence_kl(policy: PreTrainedModel, reference: PreTrainedModel, sequences: 
 # --------------------------------------------------------------------------- #
 
 
+def _check_settings(batch_size: int, reference_samples: int) -> None:
+    """Refuse a batch size below 1 or a negative number of extra reference answers."""
+    if batch_size < 1:
+        raise EvaluationError(f"--batch_size {batch_size}: use at least 1")
+    if reference_samples < 0:
+        raise EvaluationError(f"--reference_samples {reference_samples}: use 0 (off) or more")
+
+
 @torch.no_grad()
 def evaluate(policy: PreTrainedModel, reference: PreTrainedModel, reward: PreTrainedModel,
              policy_tokenizer: PreTrainedTokenizerBase, reward_tokenizer: PreTrainedTokenizerBase,
              prompts: list[str], *, sampling: Sampling, max_prompt_len: int, reward_max_len: Optional[int] = None,
-             batch_size: int = 16, seed: int = 0, log: Optional[Callable[[str], None]] = None) -> list[dict]:
+             batch_size: int = 16, seed: int = 0, reference_samples: int = 0,
+             log: Optional[Callable[[str], None]] = None) -> list[dict]:
     """One record per prompt: prompt, both responses (text), both scores, the policy response's KL, both
     response lengths (valid tokens, up to and including EOS or the stop string) and whether each ended with
-    EOS. ``sampling`` is the training run's (``PPOConfig.sampling()``); ``reward_max_len`` as in training
-    (None: the reward model's limit).
+    EOS; with ``reference_samples`` K > 0 also ``reference_scores``, the scores of K more reference answers.
+    ``sampling`` is the training run's (``PPOConfig.sampling()``); ``reward_max_len`` as in training (None: the
+    reward model's limit).
 
-    Prompts are taken in order in batches of ``batch_size``; batch i is sampled from seed ``seed + i`` by
-    both models, so the samples depend on (seed, batch_size) and on nothing else.
+    Prompts are taken in order in batches of ``batch_size``; batch i of n is sampled from seed ``seed + i`` by
+    both models, and the reference's k-th extra answers from seed ``seed + (k + 1) * n + i``, so the samples
+    depend on (seed, batch_size) and on nothing else, and no extra answer shares the coupled pair's seed.
     """
     if not prompts:
         raise EvaluationError("no prompts to evaluate: check --dataset / --eval_split and --num_prompts")
-    if batch_size < 1:
-        raise EvaluationError(f"--batch_size {batch_size}: use at least 1")
+    _check_settings(batch_size, reference_samples)
     device = next(policy.parameters()).device
     sampler = Sampler(sampling, policy_tokenizer)
     reward_max_len, warning = resolve_reward_max_len(reward_max_len, reward.config, reward_tokenizer)
@@ -172,19 +188,26 @@ def evaluate(policy: PreTrainedModel, reference: PreTrainedModel, reward: PreTra
         log(f"warning: {warning}")
     collate = PromptCollator(policy_tokenizer, max_prompt_len)
     eos_id = policy_tokenizer.eos_token_id
+    num_batches = math.ceil(len(prompts) / batch_size)
+
+    def rollout(model, prompt_ids, prompt_mask, batch_seed):
+        """Sample, decode and score one batch: (sequences, response mask, answers, scores, ended with EOS)."""
+        sequences, response_mask = sampler.sample(model, prompt_ids, prompt_mask, seed=batch_seed)
+        response = sequences[:, prompt_ids.shape[1]:]
+        questions, answers = decode_rollout(policy_tokenizer, prompt_ids, prompt_mask, response, response_mask,
+                                            sampling.stop_strings)
+        scores, _ = score_pairs(reward, reward_tokenizer, questions, answers, reward_max_len)
+        return sequences, response_mask, answers, scores, (response == eos_id).any(dim=1)
+
     records: list[dict] = []
     for index, start in enumerate(range(0, len(prompts), batch_size)):
         batch_prompts = prompts[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate(batch_prompts).items()}
         prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
-        rollouts = {}
-        for name, model in (("policy", policy), ("reference", reference)):
-            sequences, response_mask = sampler.sample(model, prompt_ids, prompt_mask, seed=seed + index)
-            response = sequences[:, prompt_ids.shape[1]:]
-            questions, answers = decode_rollout(policy_tokenizer, prompt_ids, prompt_mask, response, response_mask,
-                                                sampling.stop_strings)
-            scores, _ = score_pairs(reward, reward_tokenizer, questions, answers, reward_max_len)
-            rollouts[name] = (sequences, response_mask, answers, scores, (response == eos_id).any(dim=1))
+        rollouts = {name: rollout(model, prompt_ids, prompt_mask, seed + index)
+                    for name, model in (("policy", policy), ("reference", reference))}
+        extra_scores = [rollout(reference, prompt_ids, prompt_mask, seed + (k + 1) * num_batches + index)[3]
+                        for k in range(reference_samples)]
         sequences, response_mask = rollouts["policy"][:2]
         kl = sequence_kl(policy, reference, sequences, prompt_mask, response_mask, sampling.temperature)
         for row, prompt in enumerate(batch_prompts):
@@ -196,6 +219,8 @@ def evaluate(policy: PreTrainedModel, reference: PreTrainedModel, reward: PreTra
                 record[f"{name}_ended"] = bool(ended[row])
                 record[f"{name}_about_subject"] = about_subject(prompt, answers[row])
             record["kl"] = kl[row].item()
+            if reference_samples:
+                record["reference_scores"] = [scores[row].item() for scores in extra_scores]
             records.append(record)
         if log is not None:
             log(f"evaluated {len(records)}/{len(prompts)} prompts")
@@ -208,7 +233,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
 
 
-def summarize(records: list[dict]) -> dict:
+def summarize(records: list[dict], reward_clip: Optional[float] = None) -> dict:
     """The evaluation's figures from its per-prompt records (so the JSONL reproduces the summary exactly).
 
     win_rate: policy score > reference score on the same prompt counts 1, a tie 0.5. The two samples share their
@@ -216,6 +241,10 @@ def summarize(records: list[dict]) -> dict:
     and win_rate_decided is the win rate over the other prompts (None when every prompt is a tie).
     kl_mean: per-sequence KL averaged over prompts; kl_per_token: total KL / total policy response tokens
     (token-weighted, like the trainer's kl_divergence).
+    When the records hold ``reference_scores`` (K extra reference answers each): win_rate_independent, the
+    policy answer's mid-rank among them averaged over prompts; at KL kl_mean from those answers, the win rate
+    of PPO's optimum (reward clipped to +-``reward_clip`` as in training) and the ceiling for any policy
+    (``rlhf_ds.frontier``).
     """
     if not records:
         raise EvaluationError("no records to summarise")
@@ -232,6 +261,8 @@ def summarize(records: list[dict]) -> dict:
     kl_total = sum(r["kl"] for r in records)
     summary["kl_mean"] = kl_total / len(records)
     summary["kl_per_token"] = kl_total / sum(r["policy_length"] for r in records)
+    if all("reference_scores" in r for r in records):
+        summary.update(_frontier_summary(records, max(summary["kl_mean"], 0.0), reward_clip))
     for name in ("policy", "reference"):
         summary[f"{name}_response_length"] = sum(r[f"{name}_length"] for r in records) / len(records)
         summary[f"{name}_eos_fraction"] = sum(r[f"{name}_ended"] for r in records) / len(records)
@@ -239,6 +270,18 @@ def summarize(records: list[dict]) -> dict:
         if len(judged) == len(records):  # every prompt is an embedded-corpus question: the rule applies
             summary[f"{name}_about_subject"] = sum(judged) / len(judged)
     return summary
+
+
+def _frontier_summary(records: list[dict], kl: float, reward_clip: Optional[float]) -> dict:
+    """win_rate_independent and the frontier at ``kl`` (see ``summarize``); a negative k1 mean counts as 0."""
+    reference = torch.tensor([r["reference_scores"] for r in records], dtype=torch.float64)
+    policy = torch.tensor([r["policy_score"] for r in records], dtype=torch.float64)
+    ceiling = frontier_point(reference, self_mid_ranks(reference), kl)
+    optimum = frontier_point(reference, ppo_reward(reference, reward_clip), kl)
+    return {"reference_samples": reference.shape[1],
+            "win_rate_independent": mid_ranks(policy, reference).mean().item(),
+            "win_rate_ppo_optimum": optimum["win_rate"], "reward_ppo_optimum": optimum["score"],
+            "win_rate_ceiling": ceiling["win_rate"], "frontier_kl": ceiling["kl"]}
 
 
 def format_summary(summary: dict) -> str:
@@ -256,6 +299,13 @@ def format_summary(summary: dict) -> str:
                  + ("none" if decided is None else f"{decided:.3f}"))
     lines.append(f"KL(policy || reference), k1: {summary['kl_mean']:.4f} per sequence, "
                  f"{summary['kl_per_token']:.5f} per token")
+    if "win_rate_independent" in summary:
+        lines.append(f"win rate against {summary['reference_samples']} independent reference answers per prompt: "
+                     f"{summary['win_rate_independent']:.3f}")
+        lines.append(f"at KL {summary['frontier_kl']:.4f}: PPO's optimum would win "
+                     f"{summary['win_rate_ppo_optimum']:.3f} (reward {summary['reward_ppo_optimum']:+.3f}), "
+                     f"any policy at most "
+                     f"{summary['win_rate_ceiling']:.3f}")
     lines.append(f"prompts: {summary['num_prompts']}")
     return "\n".join(lines)
 
@@ -275,17 +325,17 @@ def write_outputs(records: list[dict], summary: dict, samples_path: str, json_pa
 
 
 def evaluate_policy(config, policy_path: str, reference_path: str, reward_path: str, num_prompts: int,
-                    batch_size: int, seed: int, device: torch.device,
+                    batch_size: int, seed: int, device: torch.device, reference_samples: int = 0,
                     log: Optional[Callable[[str], None]] = None) -> tuple[list[dict], dict]:
     """Load everything and evaluate: the first ``num_prompts`` prompts of ``config.dataset`` split
-    ``config.eval_split``, generation and reward settings from ``config`` (a PPOConfig).
+    ``config.eval_split``, generation and reward settings from ``config`` (a PPOConfig), ``reference_samples``
+    extra reference answers per prompt.
 
     ``policy_path`` may be a training checkpoint (converted first). Returns (records, summary).
     """
     if num_prompts < 1:
         raise EvaluationError(f"--num_prompts {num_prompts}: evaluate at least 1 prompt")
-    if batch_size < 1:
-        raise EvaluationError(f"--batch_size {batch_size}: use at least 1")
+    _check_settings(batch_size, reference_samples)
     check_model_path(policy_path, "--policy")
     prompts, stats = load_prompts(config.dataset, config.eval_split, num_prompts)
     if log is not None:
@@ -293,5 +343,7 @@ def evaluate_policy(config, policy_path: str, reference_path: str, reward_path: 
     with loadable_policy(policy_path) as policy_dir:
         models = load_models(policy_dir, reference_path, reward_path, device, config.trust_remote_code)
     records = evaluate(**models, prompts=prompts, sampling=config.sampling(), max_prompt_len=config.max_prompt_len,
-                       reward_max_len=config.reward_max_len, batch_size=batch_size, seed=seed, log=log)
-    return records, summarize(records)
+                       reward_max_len=config.reward_max_len, batch_size=batch_size, seed=seed,
+                       reference_samples=reference_samples, log=log)
+    # normalize_reward clips standardised scores with the run's running moments, unknown here: no clip then
+    return records, summarize(records, None if config.normalize_reward else config.reward_clip)

@@ -95,6 +95,35 @@ def test_policy_against_itself_gives_identical_samples_win_rate_half_and_zero_kl
     assert torch.equal(samples[0], samples[1]) and not torch.equal(samples[0], samples[2])
 
 
+def test_extra_reference_answers_leave_the_coupled_pair_alone_and_rank_the_policy(paths, perturbed_policy):
+    policy_path, reward_path = paths
+    prompts, _ = load_prompts("embedded", "test", NUM_PROMPTS)
+    settings = dict(prompts=prompts, sampling=Sampling(max_new_tokens=NEW_TOKENS), max_prompt_len=128,
+                    batch_size=BATCH, seed=0)
+    itself = load_models(policy_path, policy_path, reward_path, torch.device("cpu"))
+    plain = evaluate(**itself, **settings)
+    records = evaluate(**itself, **settings, reference_samples=3)
+    assert all(len(r["reference_scores"]) == 3 for r in records)
+    assert [{k: v for k, v in r.items() if k != "reference_scores"} for r in records] == plain
+    # seeds of their own: the extra answers are not copies of the coupled reference answer
+    assert any(score != r["reference_score"] for r in records for score in r["reference_scores"])
+    summary = summarize(records, reward_clip=5.0)
+    assert summary["reference_samples"] == 3
+    assert summary["win_rate_ceiling"] == pytest.approx(0.5, abs=1e-12)  # KL 0: no room to move
+    assert summary["win_rate_ppo_optimum"] == pytest.approx(0.5, abs=1e-12)
+    assert "win_rate_independent" not in summarize(plain)
+
+    perturbed = load_models(perturbed_policy, policy_path, reward_path, torch.device("cpu"))
+    records = evaluate(**perturbed, **settings, reference_samples=3)
+    summary = summarize(records, reward_clip=5.0)
+    expected = sum(sum(1.0 if s < r["policy_score"] else 0.5 if s == r["policy_score"] else 0.0
+                       for s in r["reference_scores"]) / 3 for r in records) / NUM_PROMPTS
+    assert summary["win_rate_independent"] == pytest.approx(expected, abs=1e-12)
+    assert 0 < summary["frontier_kl"] <= summary["kl_mean"] + 1e-6  # less where 3 answers cannot reach the KL
+    assert 0.5 < summary["win_rate_ceiling"] and summary["win_rate_ppo_optimum"] <= summary["win_rate_ceiling"]
+    assert "PPO's optimum would win" in format_summary(summary)
+
+
 def _tiny_qwen2(seed):
     from transformers import Qwen2ForCausalLM
 
@@ -151,7 +180,8 @@ def test_sequence_kl_equals_a_per_sequence_loop_over_unpadded_rows():
 def test_cli_writes_samples_whose_means_are_the_summary(paths, perturbed_policy, tmp_path, capsys):
     samples, summary_path = tmp_path / "s.jsonl", tmp_path / "summary.json"
     code = _launcher().main(["--policy", perturbed_policy, "--num_prompts", str(NUM_PROMPTS), "--batch_size", "3",
-                             "--max_new_tokens", str(NEW_TOKENS), "--samples", str(samples), "--json",
+                             "--max_new_tokens", str(NEW_TOKENS), "--reference_samples", "2", "--samples",
+                             str(samples), "--json",
                              str(summary_path), "--device", "cpu", "--output_dir", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -171,6 +201,8 @@ def test_cli_writes_samples_whose_means_are_the_summary(paths, perturbed_policy,
             else 0.0 for r in records]
     assert summary["win_rate"] == pytest.approx(sum(wins) / len(wins), abs=1e-12)
     assert summary["tie_fraction"] == pytest.approx(wins.count(0.5) / len(wins), abs=1e-12)
+    assert summarize(records, summary["settings"]["reward_clip"])["win_rate_ppo_optimum"] == pytest.approx(
+        summary["win_rate_ppo_optimum"], abs=1e-12)
     assert summary["policy_response_length"] == pytest.approx(mean("policy_length"), abs=1e-12)
     assert summary["reference_eos_fraction"] == pytest.approx(mean("reference_ended"), abs=1e-12)
     assert summary["settings"]["policy"] == perturbed_policy and summary["settings"]["max_new_tokens"] == NEW_TOKENS
@@ -227,6 +259,7 @@ def test_cli_bad_policy_path_is_one_line_and_exit_2(tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--policy", "{empty_dir}"], "no config.json"),
     (["--num_prompts", "0"], "--num_prompts 0"),
+    (["--reference_samples", "-1"], "--reference_samples -1"),
     (["--dataset", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
     (["--temperature", "0"], "temperature=0.0 is invalid"),
     pytest.param(["--device", "cuda"], "no usable CUDA device", marks=pytest.mark.skipif(

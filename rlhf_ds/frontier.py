@@ -1,18 +1,18 @@
 """The win-rate frontier: the best win rate against the reference that any policy, or PPO's own optimum, can
 reach at a given KL from it. Pure functions, tensors in, numbers out.
 
-Why: a win rate alone does not say whether a run under-optimised or hit a wall. Let u(y) be the probability
-that answer y beats an independent reference answer to the same prompt (a tie counts half): its mid-rank among
-the reference's answers. A policy pi's win rate is E_pi[u], and among all policies with KL(pi || pi_ref) = D the
+Why: a win rate alone does not say whether a run under-optimised or hit a wall. Let u(y) be the probability that
+answer y beats an independent reference answer to the same prompt (a tie counts half): its mid-rank among the
+reference's answers. A policy pi's win rate is E_pi[u], and among all policies with KL(pi || pi_ref) = D the
 highest E_pi[u] belongs to the reference reweighted by exp(beta * u) (the Gibbs variational principle), beta
-chosen so the KL is D. PPO does not aim there: maximising E[reward] - kl_coef * KL leads to the reference
-reweighted by exp(reward / kl_coef), which weighs a big score gap more than a small one where the win rate
-weighs both alike. Given K independent reference answers per prompt, both reweightings are computed exactly on
-those answers (``frontier_point``), so for the KL a trained policy actually has, the evaluation can say how far
-its win rate is from PPO's optimum and from the ceiling for any policy. On answers the reference never
+chosen so the KL is D. PPO does not aim there: maximising E[reward] - kl_coef * KL (the entropy bonus aside) leads
+to the reference reweighted by exp(reward / kl_coef), which weighs a big score gap more than a small one where the
+win rate weighs both alike. Given K independent reference answers per prompt, both reweightings are computed
+exactly on those answers (``frontier_point``), so for the KL a trained policy actually has, the evaluation can say
+how far its win rate is from PPO's optimum and from the ceiling for any policy. On answers the reference never
 sampled they give no credit, so they are estimates that sharpen with K. ``uniform_ceiling`` is the same ceiling
-for a reference whose scores never tie, a bound that holds for every reference and reward model (mid-ranks are
-a contraction of the uniform distribution in the convex order, and the Gibbs bound grows with that order).
+for a reference whose scores never tie, a bound that holds for every reference and reward model (mid-ranks are a
+contraction of the uniform distribution in the convex order, and the Gibbs bound grows with that order).
 
 Shapes: N prompts, K reference answers per prompt.
 """

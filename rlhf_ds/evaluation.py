@@ -33,10 +33,10 @@ from rlhf_ds.corpus import about_subject
 from rlhf_ds.data import PromptCollator, looks_like_path, load_prompts
 from rlhf_ds.errors import KnownError
 from rlhf_ds.experience import response_logits
-from rlhf_ds.frontier import frontier_point, mid_ranks, ppo_reward, self_mid_ranks
+from rlhf_ds.frontier import frontier_point, mid_ranks, self_mid_ranks
 from rlhf_ds.lora import ADAPTER_CONFIG_FILE
 from rlhf_ds.models import load_policy, load_reward_model, load_reward_tokenizer, load_tokenizer
-from rlhf_ds.ppo import kl_penalty, logprobs_from_logits
+from rlhf_ds.ppo import clip_scores, kl_penalty, logprobs_from_logits
 from rlhf_ds.reward import decode_rollout, resolve_reward_max_len, score_pairs
 from rlhf_ds.sampling import Sampler, Sampling
 
@@ -277,7 +277,7 @@ def _frontier_summary(records: list[dict], kl: float, reward_clip: Optional[floa
     reference = torch.tensor([r["reference_scores"] for r in records], dtype=torch.float64)
     policy = torch.tensor([r["policy_score"] for r in records], dtype=torch.float64)
     ceiling = frontier_point(reference, self_mid_ranks(reference), kl)
-    optimum = frontier_point(reference, ppo_reward(reference, reward_clip), kl)
+    optimum = frontier_point(reference, clip_scores(reference, reward_clip), kl)
     return {"reference_samples": reference.shape[1],
             "win_rate_independent": mid_ranks(policy, reference).mean().item(),
             "win_rate_ppo_optimum": optimum["win_rate"], "reward_ppo_optimum": optimum["score"],
@@ -304,8 +304,7 @@ def format_summary(summary: dict) -> str:
                      f"{summary['win_rate_independent']:.3f}")
         lines.append(f"at KL {summary['frontier_kl']:.4f}: PPO's optimum would win "
                      f"{summary['win_rate_ppo_optimum']:.3f} (reward {summary['reward_ppo_optimum']:+.3f}), "
-                     f"any policy at most "
-                     f"{summary['win_rate_ceiling']:.3f}")
+                     f"any policy at most {summary['win_rate_ceiling']:.3f}")
     lines.append(f"prompts: {summary['num_prompts']}")
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ Shapes: N prompts, K reference answers per prompt.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable
 
 import torch
 
@@ -44,12 +44,29 @@ def self_mid_ranks(reference_scores: torch.Tensor) -> torch.Tensor:
     return torch.stack([mid_ranks(reference[:, k], reference) for k in range(reference.shape[1])], dim=1)
 
 
+def _solve_increasing(function: Callable[[float], float], target: float, low: float, limit: float) -> float:
+    """The largest beta in [low, limit] with function(beta) < target, to bisection precision, for a function
+    increasing in beta: doubling from 1 brackets it, bisection narrows it; ``low`` where function(low) already
+    reaches the target, ``limit`` where the target is out of reach."""
+    if function(low) >= target:
+        return low
+    high = 1.0
+    while function(high) < target:
+        if high >= limit:
+            return limit
+        low, high = high, min(2 * high, limit)
+    for _ in range(_BISECTION_STEPS):
+        middle = (low + high) / 2
+        low, high = (middle, high) if function(middle) < target else (low, middle)
+    return low
+
+
 def _tilt(preference: torch.Tensor, beta: float) -> tuple[torch.Tensor, float]:
     """Weights (N, K) = softmax(beta * preference) per prompt, and their KL from uniform (the reference's own
     weights over its samples) averaged over prompts."""
     log_weights = torch.log_softmax(beta * preference, dim=1)
-    kl = (log_weights.exp() * (log_weights + math.log(preference.shape[1]))).sum(1).mean().item()
-    return log_weights.exp(), kl
+    weights = log_weights.exp()
+    return weights, (weights * (log_weights + math.log(preference.shape[1]))).sum(1).mean().item()
 
 
 def frontier_point(reference_scores: torch.Tensor, preference: torch.Tensor, kl: float) -> dict:
@@ -58,28 +75,19 @@ def frontier_point(reference_scores: torch.Tensor, preference: torch.Tensor, kl:
     prompts, by the Lagrangian); capped at the largest KL a reweighting can reach.
 
     reference_scores, preference (N, K). preference = ``self_mid_ranks(reference_scores)`` gives the highest
-    win rate at this KL; the clipped reward gives PPO's optimum. Returns {"win_rate", "score", "kl", "beta"}:
-    the reweighted policy's win rate against the reference, its mean score, its KL (= ``kl`` unless capped).
+    win rate at this KL; the clipped reward (``ppo.clip_scores``) gives PPO's optimum. Returns {"win_rate",
+    "score", "kl", "beta"}: the reweighted policy's win rate against the reference, its mean score, its KL
+    (= ``kl`` unless capped).
     """
     if kl < 0 or not math.isfinite(kl):
         raise ValueError(f"kl={kl}: the frontier needs a finite KL >= 0")
     preference = preference.double()
-    low, high = 0.0, 1.0
-    while _tilt(preference, high)[1] < kl and high < 1e12:  # KL grows with beta (its derivative is beta * Var)
-        low, high = high, high * 2
-    for _ in range(_BISECTION_STEPS):
-        middle = (low + high) / 2
-        low, high = (middle, high) if _tilt(preference, middle)[1] < kl else (low, middle)
-    beta = low if kl > 0 else 0.0
+    # KL grows with beta (its derivative is beta * Var); kl = 0 is beta = 0
+    beta = _solve_increasing(lambda b: _tilt(preference, b)[1], kl, 0.0, 1e12)
     weights, reached = _tilt(preference, beta)
     ranks = self_mid_ranks(reference_scores)
     return {"win_rate": (weights * ranks).sum(1).mean().item(),
             "score": (weights * reference_scores.double()).sum(1).mean().item(), "kl": reached, "beta": beta}
-
-
-def ppo_reward(scores: torch.Tensor, reward_clip: Optional[float]) -> torch.Tensor:
-    """What PPO maximises per answer, the score clipped to +-reward_clip (as ``ppo.shape_rewards``)."""
-    return scores if reward_clip is None else scores.clamp(-reward_clip, reward_clip)
 
 
 def uniform_ceiling(kl: float) -> float:
@@ -96,14 +104,7 @@ def uniform_ceiling(kl: float) -> float:
     def kl_of(beta):
         return math.log(beta / math.expm1(beta)) + beta * mean_u(beta)
 
-    if kl == 0:
+    if kl == 0:  # beta -> 0, where mean_u loses its digits to cancellation
         return 0.5
-    low, high = 1e-9, 1.0
-    while kl_of(high) < kl:
-        low, high = high, high * 2
-        if high > 700:  # exp overflows beyond; the ceiling is then 1 - 1/beta, within 0.002 of 1
-            return mean_u(700.0)
-    for _ in range(_BISECTION_STEPS):
-        middle = (low + high) / 2
-        low, high = (middle, high) if kl_of(middle) < kl else (low, middle)
-    return mean_u((low + high) / 2)
+    # exp overflows beyond beta = 700; the ceiling there is 1 - 1/beta, within 0.002 of 1
+    return mean_u(_solve_increasing(kl_of, kl, 1e-9, 700.0))

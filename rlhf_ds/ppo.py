@@ -157,6 +157,11 @@ def kl_statistic(logprobs, ref_logprobs):
     return kl_penalty(logprobs, ref_logprobs, "k3").clamp(max=KL_STATISTIC_CAP)
 
 
+def clip_scores(score, reward_clip=None):
+    """The reward PPO maximises: reward-model scores (any shape) clipped to +-reward_clip, or as they are."""
+    return score if reward_clip is None else score.clamp(-reward_clip, reward_clip)
+
+
 def shape_rewards(score, kl, mask, kl_coef, reward_clip=None):
     """Per-token rewards: a KL penalty on every token plus the sequence score at the end.
 
@@ -168,8 +173,7 @@ def shape_rewards(score, kl, mask, kl_coef, reward_clip=None):
     lengths = mask.sum(1)
     if (lengths == 0).any():
         raise ValueError("shape_rewards: every row needs at least one valid token")
-    if reward_clip is not None:
-        score = score.clamp(-reward_clip, reward_clip)
+    score = clip_scores(score, reward_clip)
     rewards = torch.where(mask, -kl_coef * kl, 0)
     last_index = (lengths - 1).unsqueeze(1)
     return rewards.scatter_add(1, last_index, score.unsqueeze(1).to(rewards.dtype))

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from rlhf_ds.frontier import frontier_point, mid_ranks, ppo_reward, self_mid_ranks, uniform_ceiling
+from rlhf_ds.frontier import frontier_point, mid_ranks, self_mid_ranks, uniform_ceiling
+from rlhf_ds.ppo import clip_scores
 
 
 def test_mid_ranks_equal_a_loop_with_ties():
@@ -57,7 +58,7 @@ def test_no_random_policy_beats_the_frontier_at_its_kl():
         assert win <= uniform_ceiling(kl) + 1e-9
     for kl in (0.0, 0.05, 0.3, 0.8):
         best = frontier_point(reference, ranks, kl)
-        ppo = frontier_point(reference, ppo_reward(reference, 3.0), kl)
+        ppo = frontier_point(reference, clip_scores(reference, 3.0), kl)
         assert ppo["kl"] == pytest.approx(best["kl"], abs=1e-9)
         assert ppo["win_rate"] <= best["win_rate"] + 1e-12 and best["score"] <= ppo["score"] + 1e-12
     zero = frontier_point(reference, ranks, 0.0)
@@ -69,7 +70,7 @@ def test_a_kl_beyond_any_reweighting_is_capped_at_the_best_answers():
     point = frontier_point(reference, self_mid_ranks(reference), 10.0)
     assert point["kl"] == pytest.approx(math.log(4), abs=1e-9)  # all weight on the best of 4
     assert point["win_rate"] == pytest.approx(7 / 8) and point["score"] == pytest.approx(3.0)
-    assert ppo_reward(reference, 1.5).tolist() == [[0.0, 1.0, 1.5, 1.5]]
-    assert ppo_reward(reference, None) is reference
+    assert clip_scores(reference, 1.5).tolist() == [[0.0, 1.0, 1.5, 1.5]]
+    assert clip_scores(reference, None) is reference
     with pytest.raises(ValueError, match="kl=nan"):
         frontier_point(reference, reference, float("nan"))

@@ -588,11 +588,12 @@ def _ranks_lines(f: dict) -> list[str]:
         lines.append(f"  {n} ranks  {f[key]:8.3f} s/iteration  {f[f'ranks{n}_tokens_per_s']:9.1f} resp tok/s "
                      f"[loadavg {f[f'loadavg_ranks{n}']:.2f}]")
     if "ratio_over_dschat_step3" in f:
-        ratio = f["ratio_over_dschat_step3"]
-        verdict = "met" if ratio <= bench_models.DSCHAT_TARGET else "MISSED"
-        lines.append(f"  DeepSpeed-Chat step 3, same shapes, 2 ranks, ZeRO-{f['zero_stage']} (issue #15, this machine): "
-                     f"{f['dschat_step3_iteration_s']:.2f} s/iteration; ours/theirs {ratio:.2f} "
-                     f"(target <= {bench_models.DSCHAT_TARGET}): {verdict}")
+        # No met/missed verdict: their seconds were taken once, on another day, and this machine's speed moves
+        # by 2x between days, so only a same-day pair decides the target (docs/PERFORMANCE.md).
+        lines.append(f"  DeepSpeed-Chat step 3, same shapes, 2 ranks, ZeRO-{f['zero_stage']} (issue #15, this machine, "
+                     f"another day): {f['dschat_step3_iteration_s']:.2f} s/iteration; ours/theirs "
+                     f"{f['ratio_over_dschat_step3']:.2f} (target <= {bench_models.DSCHAT_TARGET} on the same day; "
+                     "this ratio moves with the machine's speed: see docs/PERFORMANCE.md)")
     return lines
 
 

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -412,11 +413,14 @@ def test_the_first_iteration_is_recognised_in_the_trainers_own_line():
     assert not bench._ITERATION_LINE.match("iterations = 60\n")
 
 
-@pytest.mark.parametrize("ours, verdict", [(1.90, "met"), (2.20, "MISSED")])
-def test_the_dschat_line_gives_the_ratio_and_verdict(ours, verdict):
+@pytest.mark.parametrize("ours", [1.90, 2.20])
+def test_the_dschat_line_gives_the_ratio_without_a_verdict(ours):
+    """DeepSpeed-Chat's seconds come from another day and this machine's speed moves by 2x between days, so the
+    line gives the ratio and says it is not a same-day one; it must not call the target met (it did at 1.90)."""
     bench = _bench_module()
     f = {"rollout_batch_size": 8, "max_new_tokens": 32, "zero_stage": 2, "ranks2_iteration_s": ours,
          "ranks2_tokens_per_s": 1.0, "loadavg_ranks2": 0.5, "dschat_step3_iteration_s": 2.91,
          "ratio_over_dschat_step3": ours / 2.91}
     line = bench._ranks_lines(f)[-1]
-    assert f"ours/theirs {ours / 2.91:.2f} (target <= 0.67): {verdict}" in line and "ZeRO-2" in line
+    assert f"ours/theirs {ours / 2.91:.2f} (target <= 0.67 on the same day" in line and "ZeRO-2" in line
+    assert "another day" in line and not re.search(r"\b(met|MISSED)\b", line)
